@@ -1,0 +1,225 @@
+"""Compressed byte streams inside a chunk: one codec byte, two lengths, the payload.
+
+Rules:
+- A stream declares its decoded length up front; the decoder never produces more than that
+  (bounded decompression) and refuses a stream that produces less, more or leaves trailing bytes.
+- Dictionary and window sizes of the decompressors are derived from the declared length and
+  capped, so a hostile stream cannot make the decoder allocate more than ``MAX_STREAM_RAW``.
+- Encoding tries the candidate codecs and keeps the smallest; decoding needs no option.
+
+Layout: ``codec:u8 | raw_len:uleb128 | comp_len:uleb128 | [props:u8 for LZMA] | payload``.
+"""
+
+from __future__ import annotations
+
+import enum
+import lzma
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+if sys.version_info >= (3, 14):  # pragma: no cover - same API in the standard library
+    from compression.zstd import (  # type: ignore[import-not-found]
+        CompressionParameter,
+        DecompressionParameter,
+        ZstdCompressor,
+        ZstdDecompressor,
+        ZstdError,
+    )
+else:
+    from backports.zstd import (
+        CompressionParameter,
+        DecompressionParameter,
+        ZstdCompressor,
+        ZstdDecompressor,
+        ZstdError,
+    )
+
+from firmware_bundles.errors import DeltaCorrupt, SizeExceeded, Truncated
+
+# Largest decoded stream this build accepts: bounds every decoder buffer (chunks are at most
+# MAX_CHUNK_OUT bytes of output; a window stream may be twice that plus slack).
+MAX_STREAM_RAW = 80 << 20
+# zstd decoder window cap (2**25 = 32 MiB): chunks are compressed one-shot with their size
+# pledged, so the encoder never needs a larger window than the chunk itself.
+_ZSTD_WINDOW_LOG_MAX = 25
+
+
+class Codec(enum.IntEnum):
+    """How one stream's payload is coded (the byte in front of it)."""
+
+    RAW = 0
+    ZSTD = 1
+    LZMA = 2  # raw LZMA2, dictionary sized from raw_len, lc/lp/pb in one props byte
+    LZMA_X86 = 3  # x86 branch-call-jump filter in front of LZMA2 (machine code literals)
+
+
+def put_uvarint(out: bytearray, value: int) -> None:
+    """Append ``value`` (>= 0) as unsigned LEB128."""
+    if value < 0:
+        msg = "uvarint must be non-negative"
+        raise ValueError(msg)
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+def get_uvarint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
+    """Read an unsigned LEB128 at ``pos``; return (value, next position).
+
+    Raises:
+        Truncated: the data ends inside the number.
+        DeltaCorrupt: the number is longer than 10 bytes.
+    """
+    value = 0
+    shift = 0
+    while True:
+        if pos >= len(data):
+            raise Truncated("chunk ends inside a length field")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise DeltaCorrupt("length field too long")
+
+
+def _dict_size(raw_len: int) -> int:
+    size = 1 << 12
+    while size < raw_len:
+        size <<= 1
+    return size
+
+
+def _lzma_filters(codec: Codec, raw_len: int, props: int) -> list[dict[str, int]]:
+    lc, rest = props % 9, props // 9
+    lp, pb = rest % 5, rest // 5
+    lzma2 = {"id": lzma.FILTER_LZMA2, "dict_size": _dict_size(raw_len), "lc": lc, "lp": lp,
+             "pb": pb}
+    if codec is Codec.LZMA_X86:
+        return [{"id": lzma.FILTER_X86}, lzma2]
+    return [lzma2]
+
+
+def _lzma_props(lc: int, lp: int, pb: int) -> int:
+    return (pb * 5 + lp) * 9 + lc
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """Which codecs the encoder tries for one stream (the smallest result wins)."""
+
+    zstd_level: int = 19
+    lzma_lclppb: tuple[tuple[int, int, int], ...] = ((3, 0, 2),)  # LZMA variants to try
+    lzma_x86: bool = False
+    lzma_preset: int = 9 | lzma.PRESET_EXTREME
+
+
+def _compress(codec: Codec, raw: bytes, props: int, opts: StreamOptions) -> bytes:
+    if codec is Codec.ZSTD:
+        comp = ZstdCompressor(options={
+            CompressionParameter.compression_level: opts.zstd_level,
+            CompressionParameter.window_log: max(10, min(_ZSTD_WINDOW_LOG_MAX,
+                                                         (len(raw) - 1).bit_length())),
+            CompressionParameter.content_size_flag: 0,
+            CompressionParameter.checksum_flag: 0,
+            CompressionParameter.dict_id_flag: 0,
+        })
+        return comp.compress(raw, ZstdCompressor.FLUSH_FRAME)
+    filters = _lzma_filters(codec, len(raw), props)
+    filters[-1]["preset"] = opts.lzma_preset
+    return lzma.compress(raw, format=lzma.FORMAT_RAW, filters=filters)
+
+
+def encode_stream(raw: bytes, opts: StreamOptions | None = None) -> bytes:
+    """Code ``raw`` with every candidate of ``opts`` and return the smallest stream."""
+    opts = opts or StreamOptions()
+    candidates: list[tuple[Codec, int, bytes]] = [(Codec.RAW, 0, raw)]
+    if raw:
+        candidates.append((Codec.ZSTD, 0, _compress(Codec.ZSTD, raw, 0, opts)))
+        for lc, lp, pb in opts.lzma_lclppb:
+            props = _lzma_props(lc, lp, pb)
+            candidates.append((Codec.LZMA, props, _compress(Codec.LZMA, raw, props, opts)))
+            if opts.lzma_x86:
+                candidates.append(
+                    (Codec.LZMA_X86, props, _compress(Codec.LZMA_X86, raw, props, opts)))
+    codec, props, payload = min(candidates,
+                                key=lambda c: len(c[2]) + (c[0] >= Codec.LZMA))
+    out = bytearray((codec,))
+    put_uvarint(out, len(raw))
+    put_uvarint(out, len(payload))
+    if codec >= Codec.LZMA:
+        out.append(props)
+    out += payload
+    return bytes(out)
+
+
+def encode_streams(raws: Iterable[bytes], opts: StreamOptions | None = None) -> bytes:
+    """Concatenate :func:`encode_stream` of each raw stream."""
+    return b"".join(encode_stream(r, opts) for r in raws)
+
+
+def _decompress(codec: Codec, payload: memoryview, raw_len: int, props: int) -> bytes:
+    try:
+        if codec is Codec.ZSTD:
+            dec = ZstdDecompressor(options={
+                DecompressionParameter.window_log_max: _ZSTD_WINDOW_LOG_MAX})
+        else:
+            if props >= 9 * 5 * 5:
+                raise DeltaCorrupt("bad LZMA properties")
+            dec = lzma.LZMADecompressor(
+                format=lzma.FORMAT_RAW, filters=_lzma_filters(codec, raw_len, props))
+        # max_length bounds the output: a bomb stops at raw_len + 1 bytes.
+        out = dec.decompress(bytes(payload), max_length=raw_len + 1)
+    except (ZstdError, lzma.LZMAError) as e:
+        raise DeltaCorrupt(f"stream does not decompress: {e}") from e
+    if len(out) > raw_len:
+        raise SizeExceeded("stream decodes to more bytes than it declares")
+    if len(out) < raw_len:
+        raise DeltaCorrupt("stream decodes to fewer bytes than it declares")
+    if codec is Codec.ZSTD and not dec.eof:
+        raise DeltaCorrupt("zstd frame does not end where the stream does")
+    if dec.unused_data:
+        raise DeltaCorrupt("trailing bytes after a compressed stream")
+    return out
+
+
+def decode_stream(data: bytes | memoryview, pos: int, max_raw: int) -> tuple[bytes, int]:
+    """Decode the stream at ``pos``; return (raw bytes, next position).
+
+    Raises:
+        Truncated: the chunk ends inside the stream.
+        SizeExceeded: the stream declares or produces more than ``max_raw`` bytes.
+        DeltaCorrupt: unknown codec or the payload does not decode to the declared length.
+    """
+    view = memoryview(data)
+    if pos >= len(view):
+        raise Truncated("chunk ends before a stream")
+    try:
+        codec = Codec(view[pos])
+    except ValueError as e:
+        raise DeltaCorrupt(f"unknown stream codec {view[pos]}") from e
+    raw_len, pos = get_uvarint(view, pos + 1)
+    comp_len, pos = get_uvarint(view, pos)
+    if raw_len > min(max_raw, MAX_STREAM_RAW):
+        raise SizeExceeded(f"stream declares {raw_len} bytes, at most {max_raw} allowed")
+    props = 0
+    if codec >= Codec.LZMA:
+        if pos >= len(view):
+            raise Truncated("chunk ends inside a stream header")
+        props = view[pos]
+        pos += 1
+    end = pos + comp_len
+    if end > len(view):
+        raise Truncated("chunk ends inside a stream")
+    payload = view[pos:end]
+    if codec is Codec.RAW:
+        if comp_len != raw_len:
+            raise DeltaCorrupt("raw stream length mismatch")
+        return bytes(payload), end
+    if raw_len == 0:
+        raise DeltaCorrupt("empty streams are stored raw")
+    return _decompress(codec, payload, raw_len, props), end
