@@ -1,0 +1,222 @@
+"""The run report: per-device outcomes, per-site link figures, expectations checked.
+
+Rules:
+- ``RunResult`` is plain data collected by the fleet driver; ``check`` compares it with the
+  scenario's ``[expect]`` and returns one ``Check`` per promise (``bricked`` always included);
+  ``to_json`` is the machine-readable report; ``summary`` renders the operator's tables.
+- A device's outcome is decided by the driver from the device's own journal and boot env after
+  the run, never from what the controller believes: the report is the fleet's word.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from simulator.scenario import Outcome, Scenario, Selector
+from simulator.units import format_bytes
+
+
+@dataclass(frozen=True)
+class DeviceResult:
+    """How one virtual device ended."""
+
+    device_id: str
+    hardware: str
+    site: str
+    tags: tuple[str, ...]
+    outcome: Outcome
+    version: str | None  # version in the slot that boots next
+    error: str | None = None  # last stable error code the device reported
+    faults: tuple[str, ...] = ()
+    boots: int = 0
+    power_cuts: int = 0
+    finished_at: float | None = None  # run seconds when it reached its final state
+
+
+@dataclass
+class SiteResult:
+    """One site's link figures."""
+
+    name: str
+    devices: int
+    wan_bytes: int = 0
+    lan_bytes: int = 0
+    wan_messages: int = 0
+    dropped_messages: int = 0
+    retransmits: int = 0
+    relay_hits: int = 0
+    metered: bool = False
+    relay: bool = False
+
+
+@dataclass
+class RunResult:
+    """Everything the driver measured in one run."""
+
+    scenario: Scenario
+    devices: list[DeviceResult]
+    sites: list[SiteResult]
+    rollout_state: str
+    rollout_reason: str | None = None
+    wall_seconds: float = 0.0
+    bundle_bytes: int = 0  # size of the payload one device downloads
+    messages: int = 0  # MQTT messages the devices sent and received
+    processes: int = 1
+    peak_rss_bytes: int = 0
+    endpoints: dict[str, str] = field(default_factory=dict)  # broker, controller, dashboard
+    timeline: list[dict[str, Any]] = field(default_factory=list)  # rollout decisions, faults
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One promise, kept or not."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+def _matches(sel: Selector, d: DeviceResult) -> bool:
+    return sel.matches(d.hardware, d.site, frozenset(d.tags))
+
+
+def counts(devices: Iterable[DeviceResult]) -> Counter[Outcome]:
+    """Outcome -> number of devices."""
+    return Counter(d.outcome for d in devices)
+
+
+def check(result: RunResult) -> list[Check]:
+    """Compare a run with its scenario's ``[expect]`` table."""
+    e = result.scenario.expect
+    c = counts(result.devices)
+    out = [Check("no device bricked", c[Outcome.BRICKED] <= e.bricked_max,
+                 f"{c[Outcome.BRICKED]} bricked (allowed {e.bricked_max})")]
+    if e.rollout is not None:
+        out.append(Check(f"rollout ends {e.rollout.value}", result.rollout_state == e.rollout.value,
+                         f"rollout is {result.rollout_state}"
+                         + (f" ({result.rollout_reason})" if result.rollout_reason else "")))
+    for label, have, lo, hi in (
+        ("committed", c[Outcome.COMMITTED], e.committed_min, e.committed_max),
+        ("reverted", c[Outcome.REVERTED], e.reverted_min, e.reverted_max),
+    ):
+        if lo is not None:
+            out.append(Check(f"at least {lo} {label}", have >= lo, f"{have} {label}"))
+        if hi is not None:
+            out.append(Check(f"at most {hi} {label}", have <= hi, f"{have} {label}"))
+    for de in e.devices:
+        chosen = [d for d in result.devices if _matches(de.select, d)]
+        # Devices never commanded (the rollout stopped first) are not held to the expectation.
+        judged = [d for d in chosen if d.outcome is not Outcome.UNTOUCHED
+                  or de.outcome is Outcome.UNTOUCHED]
+        bad = [d for d in judged if d.outcome is not de.outcome
+               or (de.version is not None and d.version != de.version)
+               or (de.error is not None and not (d.error or "").startswith(de.error))]
+        what = _describe(de.select)
+        name = f"{what}: {de.outcome.value}" + (f" on {de.version}" if de.version else "")
+        if de.error:
+            name += f" with {de.error}"
+        if not judged:
+            out.append(Check(name, ok=False, detail=f"no device of {what} was commanded"))
+            continue
+        detail = f"{len(judged) - len(bad)}/{len(judged)} as expected"
+        if bad:
+            b = bad[0]
+            detail += (f"; e.g. {b.device_id}: {b.outcome.value} on {b.version}"
+                       + (f" ({b.error})" if b.error else ""))
+        out.append(Check(name, not bad, detail))
+    for se in e.sites:
+        site = next((s for s in result.sites if s.name == se.name), None)
+        wan = site.wan_bytes if site else 0
+        ratio = wan / result.bundle_bytes if result.bundle_bytes else 0.0
+        detail = f"{format_bytes(wan)} = {ratio:.2f}x the bundle"
+        out.append(Check(f"site {se.name}: WAN <= {se.wan_ratio_max}x bundle",
+                         ratio <= se.wan_ratio_max, detail))
+    return out
+
+
+def _describe(sel: Selector) -> str:
+    parts = [*sel.hardware, *(f"site {s}" for s in sel.sites), *(f"#{t}" for t in sel.tags)]
+    return " ".join(parts) or "all devices"
+
+
+def to_json(result: RunResult, checks: list[Check]) -> dict[str, Any]:
+    """The JSON report (stable keys; ``schema`` bumps on incompatible change)."""
+    from simulator.scenario import to_json as scenario_json  # noqa: PLC0415 - avoid a cycle
+
+    c = counts(result.devices)
+    return {
+        "schema": 1,
+        "scenario": scenario_json(result.scenario),
+        "ok": all(x.ok for x in checks),
+        "wall_seconds": round(result.wall_seconds, 3),
+        "processes": result.processes,
+        "peak_rss_bytes": result.peak_rss_bytes,
+        "messages": result.messages,
+        "bundle_bytes": result.bundle_bytes,
+        "rollout": {"state": result.rollout_state, "reason": result.rollout_reason},
+        "outcomes": {o.value: c[o] for o in Outcome},
+        "by_hardware": _by(result.devices, "hardware"),
+        "by_site": _by(result.devices, "site"),
+        "sites": [asdict(s) for s in result.sites],
+        "checks": [asdict(x) for x in checks],
+        "endpoints": result.endpoints,
+        "timeline": result.timeline,
+        "notes": result.notes,
+        "devices": [
+            {**asdict(d), "outcome": d.outcome.value, "tags": list(d.tags),
+             "faults": list(d.faults)}
+            for d in result.devices
+        ],
+    }
+
+
+def _by(devices: Iterable[DeviceResult], attr: str) -> dict[str, dict[str, int]]:
+    out: dict[str, Counter[str]] = {}
+    for d in devices:
+        out.setdefault(getattr(d, attr), Counter())[d.outcome.value] += 1
+    return {k: dict(v) for k, v in sorted(out.items())}
+
+
+def write(path: Path, doc: Mapping[str, Any]) -> None:
+    """Write the JSON report (pretty, for humans reading it too)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def summary(result: RunResult, checks: list[Check]) -> list[Any]:
+    """Rich renderables: outcomes by hardware model, sites, and the checks."""
+    from rich.table import Table  # noqa: PLC0415 - rich is imported only when rendering
+
+    outcomes = [o for o in Outcome if any(d.outcome is o for d in result.devices)]
+    by_hw = Table(title="Devices by hardware model", title_justify="left")
+    by_hw.add_column("hardware")
+    for o in outcomes:
+        by_hw.add_column(o.value, justify="right",
+                         style="red" if o is Outcome.BRICKED else None)
+    by_hw.add_column("total", justify="right")
+    for hw, row in _by(result.devices, "hardware").items():
+        by_hw.add_row(hw, *(str(row.get(o.value, 0)) for o in outcomes), str(sum(row.values())))
+
+    sites = Table(title="Sites", title_justify="left")
+    for col in ("site", "devices", "WAN bytes", "x bundle", "dropped", "relay hits"):
+        sites.add_column(col, justify="left" if col == "site" else "right")
+    for s in result.sites:
+        ratio = s.wan_bytes / result.bundle_bytes if result.bundle_bytes else 0
+        label = s.name + (" (metered" + (", relay)" if s.relay else ")") if s.metered else
+                          " (relay)" if s.relay else "")
+        sites.add_row(label, str(s.devices), format_bytes(s.wan_bytes), f"{ratio:.1f}",
+                      str(s.dropped_messages), str(s.relay_hits))
+
+    promises = Table(title="Checks", title_justify="left")
+    promises.add_column("")
+    promises.add_column("promise")
+    promises.add_column("measured")
+    for x in checks:
+        promises.add_row("[green]ok[/]" if x.ok else "[red]FAIL[/]", x.name, x.detail)
+    return [by_hw, sites, promises]
