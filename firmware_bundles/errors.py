@@ -112,3 +112,27 @@ class TransferError(BundleError):
     """Moving bytes failed (I/O, network): the data may be fine, try again."""
 
     code = "transfer.error"
+
+
+class ProtocolViolation(BundleRejected):
+    """A wire message breaks the MQTT protocol contract (topic, size, schema, frame)."""
+
+    code = "protocol.malformed"
+
+
+class MessageTooLarge(ProtocolViolation):
+    """A wire message is larger than its channel's cap; it is dropped unread."""
+
+    code = "protocol.too_large"
+
+
+class TopicInvalid(ProtocolViolation):
+    """A topic outside ``slotline/v1/dev/<id>/<channel>`` or with an invalid device id."""
+
+    code = "protocol.topic_invalid"
+
+
+class DeviceIdInvalid(ProtocolViolation):
+    """A device id with characters MQTT treats specially (``+ # / $``, NUL) or of bad length."""
+
+    code = "protocol.device_id_invalid"

@@ -1,0 +1,231 @@
+"""Serving chunks to devices over MQTT, fairly: the server half of ``fetch``/``chunk``.
+
+Used by the controller gateway (chunks from the controller's store) and by the site relay
+(chunks from its cache, filled once over the WAN). It lives beside the MQTT client wrapper rather
+than in ``controller/`` because a relay runs on a site box without the controller installed.
+
+Rules:
+
+* Every ``fetch`` message is size-capped and validated; a malformed one is counted and dropped.
+* Per-device limits: a message bucket on ``fetch`` (excess dropped, counted), at most
+  ``max_pending`` indices queued, at most ``per_device_inflight`` chunks being served at once.
+  Devices are served round-robin, so a device flooding ``fetch`` gets its share, not more.
+* Per-site budget: every served chunk is charged to the device's site (``SiteBudgets``); while a
+  site is in debt its devices wait and other sites' devices go ahead.
+* At most ``max_unacked`` chunk publishes await their PUBACK: memory stays bounded and the
+  broker is not flooded faster than it acknowledges.
+* ``ping`` is answered at once with a ``PONG`` frame (the agent's "can reach the controller").
+
+    server = ChunkServer(client, resolve, site_of=lambda d: None)
+    server.start()
+    ... client's on_message for <prefix>/+/fetch calls server.on_fetch(device_id, payload)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from agent.ports import Clock
+from agent.transport.aioclient import AsyncMqttClient
+from firmware_bundles import protocol as wire
+from firmware_bundles.errors import BundleError
+from firmware_bundles.throttle import SiteBudgets, TokenBucket
+
+log = logging.getLogger(__name__)
+
+Resolver = Callable[[str, str, int], Awaitable[bytes | None]]  # device, bundle, index
+
+
+@dataclass(frozen=True)
+class ServingLimits:
+    """Per-device limits of the chunk server."""
+
+    fetch_rate: float = 50.0  # fetch messages per second per device
+    fetch_burst: float = 100.0
+    max_pending: int = 256  # indices queued per device
+    per_device_inflight: int = 4
+    max_unacked: int = 64
+
+
+@dataclass
+class ServingStats:
+    """Counters of the chunk server."""
+
+    drops: wire.DropCounter = field(default_factory=wire.DropCounter)
+    requests: int = 0
+    served: int = 0
+    served_bytes: int = 0
+    not_found: int = 0
+    pongs: int = 0
+
+
+@dataclass
+class _Device:
+    device_id: str
+    bucket: TokenBucket
+    pending: deque[tuple[str, int]] = field(default_factory=deque)
+    queued: set[tuple[str, int]] = field(default_factory=set)
+    inflight: int = 0
+
+
+class ChunkServer:
+    """Round-robin, budgeted chunk serving on one MQTT client."""
+
+    def __init__(
+        self,
+        client: AsyncMqttClient,
+        resolve: Resolver,
+        *,
+        site_of: Callable[[str], str | None],
+        clock: Clock,
+        budgets: SiteBudgets | None = None,
+        limits: ServingLimits | None = None,
+    ) -> None:
+        self.client = client
+        self.resolve = resolve
+        self.site_of = site_of
+        self.clock = clock
+        self.budgets = budgets or SiteBudgets()
+        self.limits = limits or ServingLimits()
+        self.stats = ServingStats()
+        self._devices: dict[str, _Device] = {}
+        self._ready: deque[str] = deque()
+        self._ready_set: set[str] = set()
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.limits.max_unacked)
+        self._task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        """Start the scheduler on the running loop."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        """Stop serving (queued requests are forgotten; devices ask again)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for task in list(self._tasks):
+            task.cancel()
+
+    def _device(self, device_id: str) -> _Device:
+        dev = self._devices.get(device_id)
+        if dev is None:
+            dev = _Device(device_id, TokenBucket(self.limits.fetch_rate, self.limits.fetch_burst))
+            self._devices[device_id] = dev
+        return dev
+
+    def on_fetch(self, device_id: str, payload: bytes) -> None:
+        """Handle one ``fetch`` message from ``device_id`` (topic already parsed). Never raises."""
+        dev = self._device(device_id)
+        # Rate-limit by message before parsing: a flood costs one bucket update per message.
+        if dev.bucket.reserve(1, self.clock.monotonic()) > 0:
+            self.stats.drops.drop("transfer.rate_limited")
+            return
+        try:
+            request = wire.decode_fetch(payload)
+        except BundleError as e:
+            self.stats.drops.drop(e.code)
+            return
+        self.stats.requests += 1
+        topic = wire.device_topic(device_id, wire.Channel.CHUNK)
+        if request.op is wire.FetchOp.PING:
+            self.stats.pongs += 1
+            frame = wire.ChunkFrame(request.request_id[:128], 0, wire.ChunkStatus.PONG)
+            self.client.publish(topic, wire.encode_chunk(frame))
+            return
+        was_idle = not dev.pending
+        for index in request.indices:
+            key = (request.bundle_id, index)
+            if key in dev.queued:
+                continue
+            if len(dev.pending) >= self.limits.max_pending:
+                self.stats.drops.drop("transfer.queue_full")
+                break
+            dev.pending.append(key)
+            dev.queued.add(key)
+        if was_idle and dev.pending:
+            self._mark_ready(device_id)
+
+    def _mark_ready(self, device_id: str) -> None:
+        if device_id not in self._ready_set:
+            self._ready_set.add(device_id)
+            self._ready.append(device_id)
+        self._wakeup.set()
+
+    async def _run(self) -> None:
+        while True:
+            if not self._ready:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            parked: list[str] = []
+            earliest: float | None = None
+            progressed = False
+            for _ in range(len(self._ready)):
+                device_id = self._ready.popleft()
+                self._ready_set.discard(device_id)
+                dev = self._devices[device_id]
+                if dev.inflight >= self.limits.per_device_inflight:
+                    parked.append(device_id)
+                    continue
+                site = self.site_of(device_id)
+                delay = self.budgets.delay(site, self.clock.monotonic(), self.clock.now())
+                if delay > 0:
+                    parked.append(device_id)
+                    earliest = delay if earliest is None else min(earliest, delay)
+                    continue
+                await self._slots.acquire()
+                bundle_id, index = dev.pending.popleft()
+                dev.queued.discard((bundle_id, index))
+                dev.inflight += 1
+                task = asyncio.ensure_future(self._serve(dev, site, bundle_id, index))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                progressed = True
+                if dev.pending:
+                    self._mark_ready(device_id)
+            for device_id in parked:
+                self._mark_ready(device_id)
+            if not progressed:
+                self._wakeup.clear()
+                timeout = earliest if earliest is not None else 0.05
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), timeout)
+
+    async def _serve(self, dev: _Device, site: str | None, bundle_id: str, index: int) -> None:
+        topic = wire.device_topic(dev.device_id, wire.Channel.CHUNK)
+        try:
+            try:
+                data = await self.resolve(dev.device_id, bundle_id, index)
+            except Exception:
+                log.exception("resolving chunk %s/%d failed", bundle_id, index)
+                data = None
+            if data is None:
+                self.stats.not_found += 1
+                frame = wire.ChunkFrame(bundle_id, index, wire.ChunkStatus.NOT_FOUND)
+                self.client.publish(topic, wire.encode_chunk(frame))
+                return
+            self.budgets.charge(site, len(data), self.clock.monotonic(), self.clock.now())
+            fut = self.client.publish(
+                topic, wire.encode_chunk(wire.ChunkFrame(bundle_id, index, data=data))
+            )
+            self.stats.served += 1
+            self.stats.served_bytes += len(data)
+            with contextlib.suppress(Exception):
+                # Bounded wait: a lost link cancels it; paho redelivers within the session.
+                await asyncio.wait_for(fut, 30.0)
+        finally:
+            dev.inflight -= 1
+            self._slots.release()
+            if dev.pending:
+                self._mark_ready(dev.device_id)
+            self._wakeup.set()
