@@ -1,0 +1,93 @@
+"""``slotline controller serve``: the controller service on uvicorn.
+
+On first start it creates the data directory (fleet CA, SQLite database, chunk store), runs the
+migrations, and writes a bootstrap admin token to ``<data-dir>/admin.token`` (mode 0600) if no
+admin token exists yet. A scheduler thread ticks every ``--tick`` seconds.
+
+    slotline controller serve --data-dir ./ctl --port 8080
+    slotline controller serve --database postgresql+psycopg://postgres@127.0.0.1/test
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+
+def default_data_dir() -> Path:
+    """``$XDG_DATA_HOME/slotline/controller`` (or ``~/.local/share/...``)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "slotline" / "controller"
+
+
+@click.group()
+def controller() -> None:
+    """Run the controller service."""
+
+
+@controller.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--database",
+    "database_url",
+    envvar="SLOTLINE_DATABASE",
+    default=None,
+    help="SQLAlchemy URL; default SQLite in the data directory.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    envvar="SLOTLINE_DATA_DIR",
+    help="CA, chunk store, keys, trust root.",
+)
+@click.option(
+    "--broker",
+    "broker_url",
+    default=None,
+    envvar="SLOTLINE_BROKER",
+    help="MQTT broker URL the controller uses and tells enrolling devices.",
+)
+@click.option(
+    "--tick",
+    default=2.0,
+    show_default=True,
+    type=click.FloatRange(0.05, 3600),
+    help="Seconds between scheduler rounds.",
+)
+@click.option(
+    "--max-upload",
+    default=4 * 1024**3,
+    show_default=True,
+    type=click.IntRange(1024, 2**40),
+    help="Release upload cap in bytes.",
+)
+def serve(  # noqa: PLR0917 (click passes options positionally)
+    host: str,
+    port: int,
+    database_url: str | None,
+    data_dir: Path | None,
+    broker_url: str | None,
+    tick: float,
+    max_upload: int,
+) -> None:
+    """Serve the API, run the scheduler, and (with --broker) the MQTT gateway."""
+    from controller.runner import run  # noqa: PLC0415 (heavy imports only when serving)
+
+    data_dir = data_dir or default_data_dir()
+    database_url = database_url or f"sqlite:///{data_dir / 'controller.db'}"
+    sys.exit(
+        run(
+            host=host,
+            port=port,
+            database_url=database_url,
+            data_dir=data_dir,
+            broker_url=broker_url,
+            tick=tick,
+            max_upload=max_upload,
+        )
+    )

@@ -1,0 +1,60 @@
+"""Identifiers that reach MQTT topics, certificate names, file names and URLs.
+
+A device id becomes ``slotline/v1/dev/{id}/...`` and a certificate CN, so MQTT wildcards
+(``+ #``), topic and path separators (``/``), ``$`` (broker-reserved topics), NUL and every other
+character outside a small set are refused, as are ids starting with ``.`` or ``-``.
+
+    check_id("gw-0042", "device id")      # ok
+    check_id("a/+/b", "device id")        # InvalidInput
+"""
+
+from __future__ import annotations
+
+import re
+
+from controller.errors import InvalidInput
+
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def check_id(value: str, what: str) -> str:
+    """Return ``value`` if it is a safe identifier.
+
+    Raises:
+        InvalidInput: with a message naming ``what``.
+    """
+    if not isinstance(value, str) or _ID.fullmatch(value) is None:
+        raise InvalidInput(
+            f"{what} must be 1-128 characters of A-Z a-z 0-9 . _ : - and start with a letter "
+            f"or digit; got {value!r:.80}"
+        )
+    return value
+
+
+def check_device_id(value: str) -> str:
+    """Return ``value`` if it is a device id the wire protocol accepts (topics, ACL ``%u``).
+
+    Raises:
+        InvalidInput: otherwise.
+    """
+    from firmware_bundles.protocol import valid_device_id  # noqa: PLC0415 (one rule, one place)
+
+    if not valid_device_id(value):
+        raise InvalidInput(
+            "device id must be 1-64 characters of A-Z a-z 0-9 . _ - starting with a letter or "
+            f"digit; got {value!r:.80}"
+        )
+    return value
+
+
+def is_id(value: str) -> bool:
+    """Whether ``value`` passes ``check_id``."""
+    return isinstance(value, str) and _ID.fullmatch(value) is not None
+
+
+def check_sha256(value: str, what: str) -> str:
+    """Return ``value`` if it is a lowercase hex SHA-256."""
+    if not isinstance(value, str) or _SHA256.fullmatch(value) is None:
+        raise InvalidInput(f"{what} must be a lowercase hex SHA-256")
+    return value
