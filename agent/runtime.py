@@ -1,0 +1,672 @@
+"""The agent runtime: the only place where the pure core meets the ports.
+
+Rules:
+- One loop: an event goes into ``step``; the commands that come out are executed in order; a
+  command's result (``ChunkWritten``, ``SlotVerified``, ``SelfTestPassed``...) is the next event.
+  A failing command stops the list; the core then sees the failure event *from the last state
+  that was persisted*, because that is what the world looks like.
+- ``PersistJournal`` failing means we cannot promise anything: the runtime stops
+  (:class:`AgentHalted`) without acting, and the next start reconciles from the old journal.
+- Writes go through :class:`_GuardedSlots`: the booted slot and the primary slot are refused
+  before the adapter is reached, whatever adapter the caller passed.
+- Async: idle means awaiting the transport's command iterator (no polling). ``Reboot`` ends
+  :meth:`Agent.run` with ``"reboot"``; the caller (systemd, the simulator) does the rest.
+
+Building one (the simulator passes its own ports)::
+
+    agent = Agent(
+        AgentConfig(device_id="dev-1", hardware="board-x", factory_version="1.0",
+                    factory_size=img_size),
+        slots=slots, bootenv=env, journal=journal, clock=clock, power=power,
+        booted=bootloader.boot(), transport=transport, verifier=verifier,
+    )
+    await agent.start()                       # reconcile journal + boot env, maybe resume/trial
+    outcome = await agent.run()               # until stop() or a reboot: "stopped" | "reboot"
+    result = await agent.install(release, MemorySource(chunks))   # offline/local install
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from agent.adapters.bootenv import env_changes, env_view
+from agent.core.commands import (
+    Command,
+    FetchChunks,
+    MarkActive,
+    MarkBad,
+    MarkGood,
+    PersistJournal,
+    Publish,
+    RaiseSecurityVersion,
+    Reboot,
+    RunMigrations,
+    RunSelfTest,
+    SetBootOnce,
+    SyncSlot,
+    UndoMigrations,
+    VerifySlot,
+    WriteChunk,
+)
+from agent.core.events import (
+    Booted,
+    CancelRequested,
+    ChunkFetched,
+    ChunkWritten,
+    EnvView,
+    EnvWriteFailed,
+    Event,
+    FetchFailed,
+    InstallRequested,
+    MigrationsDone,
+    MigrationsFailed,
+    Rejected,
+    RollbackRequested,
+    SelfTestFailed,
+    SelfTestPassed,
+    SlotVerified,
+    WriteFailed,
+)
+from agent.core.machine import DEFAULT_CHECKPOINT_BYTES, make_install_plan, step
+from agent.core.states import AgentState, BootSlot, BootState, PayloadKind, Phase, Release, Result, SlotInfo
+from agent.errors import ActiveSlotWrite, AgentError, BootEnvError, JournalError
+from agent.journal import decode, encode
+from agent.ports import BootEnv, Clock, SlotStore, StateStore, Transport
+from firmware_bundles.errors import BundleError, BundleRejected, TransferError
+
+log = logging.getLogger("slotline.agent")
+
+Decoder = Callable[[bytes, int, Any], Iterator[bytes]]
+
+
+class Power(Protocol):
+    """Reboot the device (real: ``systemctl reboot``; simulator: restart through the bootloader)."""
+
+    async def reboot(self) -> None:
+        """Ask for a reboot; may return before it happens."""
+        ...
+
+
+class ChunkSource(Protocol):
+    """Where chunk bytes come from: the transport, a local .slb file, memory."""
+
+    def fetch(self, start: int, count: int) -> AsyncIterator[tuple[int, bytes]]:
+        """Yield ``(index, data)`` for ``start..count-1`` (any order; the runtime reorders)."""
+        ...
+
+
+class SelfTest(Protocol):
+    """Runs the configured checks (``agent/selftest.py``)."""
+
+    async def run(self) -> tuple[bool, str | None, str]:
+        """``(passed, code, message)``."""
+        ...
+
+
+class Migrations(Protocol):
+    """Data-migration hooks (``agent/selftest.py``: ``CommandMigrations``)."""
+
+    async def run(self, from_version: str | None, to_version: str) -> None:
+        """Migrate; raise ``AgentError`` on failure."""
+        ...
+
+    async def undo(self, from_version: str | None, to_version: str) -> None:
+        """Undo (idempotent); raise ``AgentError`` on failure."""
+        ...
+
+
+class CommandVerifier(Protocol):
+    """Turns a raw signed command into an agent-level request (``agent/verify.py``)."""
+
+    def verify(self, raw: bytes, state: AgentState, now: float) -> VerifiedCommand:
+        """Check signature, device, counter, expiry and the manifest; raise ``BundleError``."""
+        ...
+
+
+@dataclass(frozen=True)
+class VerifiedCommand:
+    """A command that passed every check."""
+
+    action: str  # install | cancel | rollback | config
+    counter: int
+    release: Release | None = None
+    source: ChunkSource | None = None
+
+
+class AgentHalted(AgentError):
+    """The journal cannot be saved: the agent stops without acting."""
+
+    code = "journal.write_failed"
+
+
+class _Rebooted(BaseException):
+    """Unwinds the dispatch loop after a Reboot command (not an error)."""
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """What the runtime needs to know about its device (the TOML config maps onto this)."""
+
+    device_id: str
+    hardware: str = "generic"
+    factory_version: str = "0"
+    factory_size: int | None = None  # bytes of the factory image in the booted slot, if known
+    checkpoint_bytes: int = DEFAULT_CHECKPOINT_BYTES
+    fetch_window: int = 4  # chunks requested at a time from the transport
+    retry_base: float = 1.0  # seconds before the first fetch retry (doubles, capped)
+    retry_cap: float = 60.0
+
+
+class MemorySource:
+    """Chunks held in memory (tests, simulator)."""
+
+    def __init__(self, chunks: Sequence[bytes]) -> None:
+        self._chunks = list(chunks)
+
+    async def fetch(self, start: int, count: int) -> AsyncIterator[tuple[int, bytes]]:
+        """Yield them in order."""
+        for i in range(start, count):
+            yield i, self._chunks[i]
+            await asyncio.sleep(0)
+
+
+class TransportSource:
+    """Chunks from the controller through the Transport, ``window`` at a time."""
+
+    def __init__(self, transport: Transport, bundle_id: str, *, window: int = 4) -> None:
+        self._t = transport
+        self._bundle = bundle_id
+        self._window = max(1, window)
+
+    async def fetch(self, start: int, count: int) -> AsyncIterator[tuple[int, bytes]]:
+        """Request a window, yield it in index order, next window."""
+        index = start
+        while index < count:
+            wanted = list(range(index, min(count, index + self._window)))
+            got: dict[int, bytes] = {}
+            async for i, data in self._t.fetch_chunks(self._bundle, wanted):
+                if i in wanted:
+                    got[i] = data
+                while index in got:
+                    yield index, got.pop(index)
+                    index += 1
+            if index < (wanted[-1] + 1):
+                raise TransferError(f"chunk {index} of {self._bundle} did not arrive")
+
+
+class _SlotBase:
+    """A slot as a delta ``BaseReader``."""
+
+    def __init__(self, slots: SlotStore, slot: BootSlot, size: int) -> None:
+        self._slots = slots
+        self._slot = slot
+        self.size = size
+
+    def pread(self, offset: int, length: int) -> bytes:
+        end = min(self.size, offset + length)
+        if offset >= end:
+            return b""
+        return self._slots.read(self._slot, offset, end - offset)
+
+
+class _GuardedSlots:
+    """Refuses writes to the booted and the primary slot before any adapter sees them."""
+
+    def __init__(self, inner: SlotStore, agent: Agent) -> None:
+        self._inner = inner
+        self._agent = agent
+
+    def _check(self, slot: BootSlot) -> None:
+        st = self._agent.state
+        if slot is self._agent.booted or slot is st.primary:
+            raise ActiveSlotWrite(f"refusing to write slot {slot.value} (booted or primary)")
+
+    def write(self, slot: BootSlot, offset: int, data: bytes) -> None:
+        self._check(slot)
+        self._inner.write(slot, offset, data)
+
+    def sync(self, slot: BootSlot) -> None:
+        self._check(slot)
+        self._inner.sync(slot)
+
+
+def _default_decoder() -> Decoder:
+    from firmware_bundles.delta import decode_chunk  # noqa: PLC0415 - heavy import, first use
+
+    return decode_chunk
+
+
+class Agent:
+    """One device's agent. See the module docstring for how to build and drive it."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        slots: SlotStore,
+        bootenv: BootEnv,
+        journal: StateStore,
+        clock: Clock,
+        power: Power,
+        booted: BootSlot,
+        transport: Transport | None = None,
+        verifier: CommandVerifier | None = None,
+        selftest: SelfTest | None = None,
+        migrations: Migrations | None = None,
+        decoder: Decoder | None = None,
+        sources: Callable[[str], ChunkSource | None] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.config = config
+        self.slots = slots
+        self._guard = _GuardedSlots(slots, self)
+        self.bootenv = bootenv
+        self.journal = journal
+        self.clock = clock
+        self.power = power
+        self.booted = booted
+        self.transport = transport
+        self.verifier = verifier
+        self.selftest = selftest
+        self.migrations = migrations
+        self._decoder = decoder
+        self._sources = sources
+        self._sleep = sleep
+        self.state = AgentState.initial(booted, SlotInfo())
+        self._persisted = self.state
+        self._source: ChunkSource | None = None
+        self._fetch: FetchChunks | None = None
+        self._lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self._reboot_requested = False
+        self._download_task: asyncio.Task[None] | None = None
+        self.events: deque[Mapping[str, Any]] = deque(maxlen=200)
+        self.started = False
+
+    # -- public API -----------------------------------------------------------------------
+
+    @property
+    def rebooting(self) -> bool:
+        """A Reboot command ran: the caller should restart the device."""
+        return self._reboot_requested
+
+    async def start(self) -> None:
+        """Load the journal, reconcile it with the boot env, carry on (resume/trial/revert)."""
+        raw = self.journal.load()
+        if raw is None:
+            self.state = await asyncio.to_thread(self._factory_state)
+        else:
+            try:
+                self.state = dataclasses.replace(decode(raw), booted=self.booted)
+            except JournalError as e:
+                # A journal we cannot read: start over from what the bootloader says, report.
+                log.error("journal unreadable (%s): starting from the boot env", e.code)
+                self.state = await asyncio.to_thread(self._factory_state)
+                self.state = dataclasses.replace(
+                    self.state, last_result=Result("failed", e.code, str(e))
+                )
+        self._persisted = self.state
+        self.started = True
+        await self._feed(Booted(self.booted, self._env_view()))
+        self._maybe_download()
+
+    async def run(self) -> str:
+        """Serve commands until :meth:`stop` or a reboot. Returns ``"stopped"`` or ``"reboot"``."""
+        if not self.started:
+            await self.start()
+        if self._reboot_requested:
+            return "reboot"
+        tasks: list[asyncio.Task[Any]] = [asyncio.create_task(self._stop.wait())]
+        if self.transport is not None:
+            await self.transport.start()
+            await self._publish_state()
+            tasks.append(asyncio.create_task(self._serve_commands()))
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if not t.cancelled() and t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
+        finally:
+            for t in tasks:
+                t.cancel()
+            await self._cancel_download()
+            if self.transport is not None:
+                with contextlib.suppress(Exception):
+                    await self.transport.stop()
+        return "reboot" if self._reboot_requested else "stopped"
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return."""
+        self._stop.set()
+
+    async def install(self, release: Release, source: ChunkSource, *, counter: int = 0) -> AgentState:
+        """Install a verified release from ``source`` and drive it to the reboot (or failure).
+
+        Returns the state afterwards: ``STAGED`` with :attr:`rebooting` set when the new slot is
+        ready for its trial boot, a resting phase with ``last_result`` otherwise.
+        """
+        u = self.state.update
+        if (
+            u is not None
+            and self.state.phase is Phase.DOWNLOADING
+            and u.plan.bundle_id == release.bundle_id
+            and u.plan.target_sha256 == release.target_sha256
+        ):
+            # The same bundle again after an interrupted install: resume from the journal.
+            self._source = source
+            self._fetch = FetchChunks(release.bundle_id, u.written, len(u.plan.chunks))
+            self._maybe_download()
+        else:
+            await self._request_install(release, source, counter)
+        await self.wait_download()
+        return self.state
+
+    async def handle_command(self, raw: bytes) -> None:
+        """Verify and act on one raw signed command (what the transport delivers)."""
+        if self.verifier is None:
+            raise RuntimeError("no verifier configured: cannot accept signed commands")
+        try:
+            cmd = self.verifier.verify(raw, self.state, self.clock.now())
+        except (BundleError, AgentError) as e:
+            await self._feed(Rejected(e.code, str(e)))
+            return
+        if cmd.action == "install" and cmd.release is not None:
+            source = cmd.source or self._transport_source(cmd.release.bundle_id)
+            await self._request_install(cmd.release, source, cmd.counter)
+        elif cmd.action == "cancel":
+            await self._feed(CancelRequested(cmd.counter))
+        elif cmd.action == "rollback":
+            await self._feed(RollbackRequested(cmd.counter))
+        else:
+            await self._feed(Rejected("command.rejected", f"unsupported action {cmd.action}"))
+
+    async def wait_download(self) -> None:
+        """Wait until the current download (if any) ended."""
+        task = self._download_task
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
+    def status(self) -> dict[str, Any]:
+        """The state document (published retained; printed by ``slotline agent status``)."""
+        return state_document(self.state, self.config.device_id, self.booted)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _factory_state(self) -> AgentState:
+        size = self.config.factory_size
+        sha = self.slots.digest(self.booted, size) if size else None
+        info = SlotInfo(BootState.GOOD, self.config.factory_version, sha, size)
+        return AgentState.initial(self.booted, info)
+
+    def _env_view(self) -> EnvView:
+        try:
+            return env_view(self.bootenv.read())
+        except BootEnvError as e:
+            log.warning("boot env unreadable (%s)", e.code)
+            return EnvView(boot_part=None, upgrade_available=False, bootcount=0)
+
+    def _transport_source(self, bundle_id: str) -> ChunkSource:
+        if self.transport is None:
+            raise RuntimeError("no transport and no chunk source")
+        return TransportSource(self.transport, bundle_id, window=self.config.fetch_window)
+
+    async def _request_install(self, release: Release, source: ChunkSource, counter: int) -> None:
+        try:
+            capacity = self.slots.size(self.state.primary.other)
+            plan = make_install_plan(
+                release,
+                self.state,
+                target_capacity=capacity,
+                checkpoint_bytes=self.config.checkpoint_bytes,
+            )
+        except (BundleError, AgentError) as e:
+            await self._feed(Rejected(e.code, str(e), release.bundle_id))
+            return
+        self._source = source
+        await self._feed(InstallRequested(plan, counter))
+        self._maybe_download()
+
+    async def _serve_commands(self) -> None:
+        assert self.transport is not None
+        async for raw in self.transport.commands():
+            await self.handle_command(raw)
+            if self._reboot_requested:
+                self._stop.set()
+                return
+
+    def _maybe_download(self) -> None:
+        if (
+            self._fetch is not None
+            and self.state.phase is Phase.DOWNLOADING
+            and (self._download_task is None or self._download_task.done())
+        ):
+            self._download_task = asyncio.create_task(self._download())
+
+    async def _cancel_download(self) -> None:
+        task = self._download_task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _download(self) -> None:
+        delay = self.config.retry_base
+        while self.state.phase is Phase.DOWNLOADING and self._fetch is not None:
+            fetch = self._fetch
+            self._fetch = None
+            if self._source is None:
+                self._source = self._sources(fetch.bundle_id) if self._sources else None
+            if self._source is None:
+                if self.transport is None:
+                    # Resumed after a restart with nothing that can deliver the chunks (an
+                    # offline install whose file is gone): end it cleanly, ready for the next.
+                    await self._feed(WriteFailed("transfer.error", "no chunk source to resume"))
+                    return
+                self._source = self._transport_source(fetch.bundle_id)
+            failed: Event | None = None
+            try:
+                async for index, data in self._source.fetch(fetch.start, fetch.count):
+                    await self._feed(ChunkFetched(index, data))
+                    if self._fetch is not None or self.state.phase is not Phase.DOWNLOADING:
+                        break  # restarted (bad chunk) or finished/failed
+            except (TransferError, OSError) as e:
+                failed = FetchFailed(getattr(e, "code", "transfer.error"), str(e))
+            except BundleRejected as e:
+                failed = FetchFailed(e.code, str(e))
+            if self._reboot_requested:
+                return
+            if failed is not None and self.state.phase is Phase.DOWNLOADING:
+                await self._sleep(delay)
+                delay = min(self.config.retry_cap, delay * 2)
+                await self._feed(failed)
+            elif self._fetch is None and self.state.phase is Phase.DOWNLOADING:
+                await self._feed(FetchFailed("bundle.truncated", "the source ended early"))
+
+    async def _feed(self, event: Event) -> None:
+        if self._reboot_requested:
+            return
+        async with self._lock:
+            queue: deque[Event] = deque([event])
+            try:
+                while queue:
+                    ev = queue.popleft()
+                    self.state, commands = step(self.state, ev)
+                    for cmd in commands:
+                        follow = await self._execute(cmd)
+                        if isinstance(follow, _Failure):
+                            self.state = self._persisted
+                            queue.clear()
+                            queue.append(follow.event)
+                            break
+                        if follow is not None:
+                            queue.append(follow)
+            except _Rebooted:
+                self._reboot_requested = True
+                self._stop.set()
+
+    async def _execute(self, cmd: Command) -> Event | _Failure | None:
+        if isinstance(cmd, PersistJournal):
+            try:
+                self.journal.save(encode(cmd.state))
+            except JournalError as e:
+                self.state = self._persisted
+                raise AgentHalted(str(e)) from e
+            self._persisted = cmd.state
+            return None
+        if isinstance(cmd, FetchChunks):
+            self._fetch = cmd
+            return None
+        if isinstance(cmd, WriteChunk):
+            return await asyncio.to_thread(self._write_chunk, cmd)
+        if isinstance(cmd, SyncSlot):
+            try:
+                await asyncio.to_thread(self._guard.sync, cmd.slot)
+            except AgentError as e:
+                return _Failure(WriteFailed(e.code, str(e)))
+            return None
+        if isinstance(cmd, VerifySlot):
+            try:
+                digest = await asyncio.to_thread(self.slots.digest, cmd.slot, cmd.length)
+            except AgentError as e:
+                return _Failure(WriteFailed(e.code, str(e)))
+            return SlotVerified(digest)
+        if isinstance(cmd, SetBootOnce | MarkGood | MarkBad | MarkActive):
+            try:
+                self.bootenv.write(env_changes(cmd))
+            except BootEnvError as e:
+                return _Failure(EnvWriteFailed(e.code, str(e)))
+            return None
+        if isinstance(cmd, RaiseSecurityVersion):
+            return self._raise_security_version(cmd.value)
+        if isinstance(cmd, Reboot):
+            await self._publish_state()
+            with contextlib.suppress(Exception):
+                await self.power.reboot()
+            raise _Rebooted
+        if isinstance(cmd, RunMigrations):
+            try:
+                if self.migrations is not None:
+                    await self.migrations.run(cmd.from_version, cmd.to_version)
+            except AgentError as e:
+                return _Failure(MigrationsFailed(e.code, str(e)))
+            return MigrationsDone()
+        if isinstance(cmd, UndoMigrations):
+            try:
+                if self.migrations is not None:
+                    await self.migrations.undo(cmd.from_version, cmd.to_version)
+            except AgentError as e:
+                return _Failure(MigrationsFailed(e.code, str(e)))
+            return None
+        if isinstance(cmd, RunSelfTest):
+            if self.selftest is None:
+                return SelfTestPassed()
+            passed, code, message = await self.selftest.run()
+            if passed:
+                return SelfTestPassed()
+            return _Failure(SelfTestFailed(code or "selftest.failed", message))
+        if isinstance(cmd, Publish):
+            await self._publish(cmd.event)
+            return None
+        raise RuntimeError(f"unknown command {cmd!r}")
+
+    def _write_chunk(self, cmd: WriteChunk) -> Event | _Failure:
+        decoder = self._decoder or _default_decoder()
+        base = None
+        if cmd.kind is PayloadKind.DELTA and cmd.base is not None:
+            info = self.state.slot(cmd.base)
+            base = _SlotBase(self.slots, cmd.base, info.size or self.slots.size(cmd.base))
+        offset = cmd.chunk.offset
+        end = offset + cmd.chunk.out_size
+        try:
+            for piece in decoder(cmd.data, cmd.chunk.out_size, base):
+                if offset + len(piece) > end:
+                    return _Failure(WriteFailed("bundle.size_exceeded", "chunk decodes too long"))
+                self._guard.write(cmd.slot, offset, piece)
+                offset += len(piece)
+        except (BundleError, AgentError) as e:
+            return _Failure(WriteFailed(e.code, str(e)))
+        if offset != end:
+            return _Failure(WriteFailed("bundle.truncated", "chunk decodes too short"))
+        return ChunkWritten(cmd.chunk.index)
+
+    def _raise_security_version(self, value: int) -> Event | _Failure | None:
+        try:
+            current = env_view(self.bootenv.read()).security_version
+            if current < value:
+                self.bootenv.write({"security_version": str(value)})
+        except BootEnvError as e:
+            return _Failure(EnvWriteFailed(e.code, str(e)))
+        return None
+
+    async def _publish(self, event: Mapping[str, Any]) -> None:
+        doc = {**event, "device": self.config.device_id, "at": int(self.clock.now())}
+        self.events.append(doc)
+        if self.transport is None:
+            return
+        try:
+            await self.transport.publish_event(doc)
+            await self._publish_state()
+        except Exception as e:  # publishing must never break an update
+            log.warning("publish failed: %s", e)
+
+    async def _publish_state(self) -> None:
+        if self.transport is None:
+            return
+        try:
+            await self.transport.publish_state(self.status())
+        except Exception as e:
+            log.warning("publish state failed: %s", e)
+
+
+@dataclass(frozen=True)
+class _Failure:
+    event: Event
+
+
+def state_document(state: AgentState, device_id: str, booted: BootSlot | None) -> dict[str, Any]:
+    """The retained state document / ``status --json`` output."""
+
+    def slot(s: BootSlot) -> dict[str, Any]:
+        info = state.slot(s)
+        return {
+            "state": info.state.value,
+            "version": info.version,
+            "sha256": info.sha256,
+            "size": info.size,
+            "primary": s is state.primary,
+            "booted": s is booted,
+        }
+
+    u = state.update
+    r = state.last_result
+    return {
+        "device": device_id,
+        "phase": state.phase.value,
+        "version": state.version,
+        "primary": state.primary.value,
+        "booted": booted.value if booted else None,
+        "security_version": state.security_version,
+        "slots": {"a": slot(BootSlot.A), "b": slot(BootSlot.B)},
+        "update": None
+        if u is None
+        else {
+            "bundle_id": u.plan.bundle_id,
+            "version": u.plan.version,
+            "target_slot": u.plan.target_slot.value,
+            "chunks_done": u.written + u.pending,
+            "chunks_total": len(u.plan.chunks),
+            "attempts": u.attempts,
+            "rollout": u.plan.rollout,
+        },
+        "last_result": None if r is None else dataclasses.asdict(r),
+    }
