@@ -31,6 +31,9 @@ MQTT_OVERHEAD = 40  # fixed header, topic and properties of a small publish, rou
 class LinkedTransport:
     """``agent.ports.Transport`` through a modelled ``Link``."""
 
+    # MQTT messages carried by every LinkedTransport of this process (report: messages/s).
+    total_messages = 0
+
     def __init__(self, inner: Transport, link: Link, elapsed: Callable[[], float]) -> None:
         self.inner = inner
         self.link = link
@@ -48,6 +51,7 @@ class LinkedTransport:
             now = self._elapsed()
             arrival = self.link.send(now, nbytes + MQTT_OVERHEAD)
             if arrival is not None:
+                LinkedTransport.total_messages += 1
                 await self._wait_until(arrival)
                 return
             await self._wait_until(self.link.next_up(now) + 0.01)
@@ -91,6 +95,7 @@ class LinkedTransport:
             arrival = self.link.send_chunk(self._elapsed(), (bundle_id, index), len(data))
             if arrival is None:
                 raise TransferError(f"site link lost chunk {index} of {bundle_id}")
+            LinkedTransport.total_messages += 1
             await self._wait_until(arrival)
             yield index, data
 

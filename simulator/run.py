@@ -1,0 +1,359 @@
+"""One scenario run, end to end: world up, fleet up, rollout, faults, report.
+
+The order (each step has a deadline; a step that cannot reach what it needs raises
+``Unreachable`` within ``connect_timeout`` seconds, never hangs):
+
+1. broker (given or started) and the real controller (service + MQTT gateway + scheduler);
+2. firmware: keys, trust root, the two images and their signed bundles; the release uploaded;
+3. sites and devices registered with the controller (real enrollment: token, CSR, certificate);
+4. device worker processes (``simulator/worker.py``) boot every virtual device and connect it;
+5. the rollout is created and started exactly as an operator would; system faults (broker or
+   controller restart) fire at their times; the live view shows groups, phases and links;
+6. the run ends when the rollout is finished, paused or stopped and no device is busy (or at the
+   scenario's timeout); workers report each device's outcome from its own journal and boot env;
+7. the report (JSON) is written and the expectations are checked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import queue
+import resource
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from simulator import plan, report
+from simulator.env import Broker, Controller
+from simulator.errors import SimError
+from simulator.scenario import FaultKind, Scenario
+
+SETTLE = 1.5  # seconds with no busy device after the rollout stopped moving
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run (not what: that is the scenario)."""
+
+    broker_url: str | None = None
+    database_url: str | None = None
+    processes: int = 1
+    work_dir: Path | None = None
+    report_path: Path | None = None
+    connect_timeout: float = 5.0
+    progress: bool = True
+    serve_api: bool = False  # keep an HTTP API up during the run (the demo's dashboard link)
+
+
+@dataclass
+class _Live:
+    """What the driver knows while the run goes on (fed by worker messages)."""
+
+    phases: dict[int, Counter[str]] = field(default_factory=dict)
+    busy: dict[int, int] = field(default_factory=dict)
+    sites: dict[int, dict[str, dict[str, int]]] = field(default_factory=dict)
+    messages: dict[int, int] = field(default_factory=dict)
+    ready: set[int] = field(default_factory=set)
+    results: dict[int, list[report.DeviceResult]] = field(default_factory=dict)
+    rss: dict[int, int] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    def phase_counts(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for c in self.phases.values():
+            total.update(c)
+        return total
+
+    def site_totals(self) -> dict[str, dict[str, int]]:
+        out: dict[str, Counter[str]] = {}
+        for per_worker in self.sites.values():
+            for name, stats in per_worker.items():
+                out.setdefault(name, Counter()).update(stats)
+        return {k: dict(v) for k, v in out.items()}
+
+
+def run_and_report(scenario: Scenario, options: RunOptions) -> bool:
+    """Run, print the summary tables, write the report; True when every check held."""
+    from rich.console import Console  # noqa: PLC0415
+
+    console = Console()
+    result, checks, path = run(scenario, options, console=console)
+    for table in report.summary(result, checks):
+        console.print(table)
+    ok = all(c.ok for c in checks)
+    verdict = "[green]all promises held[/]" if ok else "[red]some promises did not hold[/]"
+    console.print(f"{verdict}  ({result.wall_seconds:.1f} s, report: {path})")
+    return ok
+
+
+def run(scenario: Scenario, options: RunOptions, *, console: Any = None,
+        on_ready: Any = None) -> tuple[report.RunResult, list[report.Check], Path]:
+    """Run ``scenario``; returns the result, the checks and the report path.
+
+    Raises:
+        Unreachable: the broker or the controller did not answer in time.
+        SimError: a worker failed to start its devices.
+    """
+    own_dir = options.work_dir is None
+    work = Path(tempfile.mkdtemp(prefix="slotline-sim-")) if own_dir else Path(options.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    report_path = options.report_path or work / "report.json"
+    if own_dir and options.report_path is None:
+        report_path = Path.cwd() / f"slotline-sim-{scenario.meta.name}.json"
+    started = time.monotonic()
+    broker = Broker(options.broker_url, work, options.connect_timeout)
+    controller: Controller | None = None
+    workers: list[Any] = []
+    stop = mp.get_context("spawn").Event()
+    try:
+        for f in scenario.faults:
+            if f.kind is FaultKind.BROKER_RESTART and not broker.restartable:
+                raise SimError("a broker_restart fault needs the run's own broker: drop --broker")
+        db = options.database_url or f"sqlite:///{work / 'controller.db'}"
+        controller = Controller(db, work / "controller", broker.url,
+                                connect_timeout=options.connect_timeout)
+        from simulator import firmware  # noqa: PLC0415 - heavy (crypto, codec)
+
+        fw = firmware.prepare(scenario, work / "firmware", controller)
+        specs = plan.fleet_specs(scenario)
+        firmware.register_fleet(scenario, specs, controller)
+        result = _drive(scenario, options, work, broker, controller, fw, specs, workers, stop,
+                        console, on_ready)
+        result.wall_seconds = time.monotonic() - started
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(10)
+            if w.is_alive():
+                w.kill()
+        if controller is not None:
+            controller.stop()
+        broker.stop()
+        if own_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    checks = report.check(result)
+    report.write(report_path, report.to_json(result, checks))
+    return result, checks, report_path
+
+
+def _drive(  # noqa: PLR0917 - one call site, the steps of run()
+    scenario: Scenario, options: RunOptions, work: Path, broker: Broker,
+    controller: Controller, fw: Any, specs: list[plan.DeviceSpec], workers: list[Any],
+    stop: Any, console: Any, on_ready: Any,
+) -> report.RunResult:
+    from simulator import worker as worker_mod  # noqa: PLC0415
+    from simulator.firmware import start_rollout  # noqa: PLC0415
+
+    ctx = mp.get_context("spawn")
+    inbox: Any = ctx.Queue()
+    faults = plan.assign_faults(scenario, specs)
+    shards = worker_mod.shard_by_site(scenario, specs, options.processes)
+    t0 = time.time() + 3600.0  # replaced once the rollout starts; links idle until then
+    t0_shared = ctx.Value("d", t0)
+    for i, shard in enumerate(shards):
+        cfg = worker_mod.WorkerConfig(
+            index=i, scenario=scenario, devices=shard,
+            faults={d.device_id: faults.get(d.device_id, []) for d in shard},
+            broker_url=broker.url, work_dir=work / f"w{i}", firmware=fw.for_devices(),
+        )
+        p = ctx.Process(target=worker_mod.main, args=(cfg, inbox, stop, t0_shared),
+                        name=f"sim-worker-{i}", daemon=True)
+        p.start()
+        workers.append(p)
+    live = _Live()
+    deadline = time.monotonic() + max(30.0, len(specs) * 0.01) + options.connect_timeout
+    while len(live.ready) < len(workers):
+        _drain(inbox, live, 0.2)
+        if live.errors:
+            raise SimError(f"device worker failed: {live.errors[0]}")
+        if any(not w.is_alive() for w in workers) and len(live.ready) < len(workers):
+            _drain(inbox, live, 0.5)
+            raise SimError("a device worker exited before its devices were up: "
+                           + (live.errors[0] if live.errors else "no message"))
+        if time.monotonic() > deadline:
+            raise SimError("devices did not all come up in time")
+    if on_ready is not None:
+        on_ready(controller)
+    # Devices are up and connected: start the clock the links and faults run on.
+    with t0_shared.get_lock():
+        t0_shared.value = time.time() + scenario.rollout.start_after
+    rollout_id = start_rollout(scenario, specs, controller, fw)
+    timeline: list[dict[str, Any]] = [{"t": 0.0, "what": "rollout started", "id": rollout_id}]
+    system_faults = sorted((f for f in scenario.faults
+                            if f.kind in (FaultKind.BROKER_RESTART, FaultKind.CONTROLLER_RESTART)),
+                           key=lambda f: f.at)
+    run_start = time.monotonic()
+    calm_since: float | None = None
+    status: dict[str, Any] = {}
+    view = _progress_view(console, scenario, len(specs)) if options.progress and console else None
+    try:
+        while True:
+            _drain(inbox, live, 0.25)
+            if live.errors:
+                raise SimError(f"device worker failed: {live.errors[0]}")
+            elapsed = time.monotonic() - run_start
+            while system_faults and system_faults[0].at <= elapsed:
+                f = system_faults.pop(0)
+                timeline.append({"t": round(elapsed, 2), "what": f.kind.value,
+                                 "down_for": f.duration})
+                if f.kind is FaultKind.BROKER_RESTART:
+                    broker.restart(f.duration)
+                else:
+                    controller.restart(f.duration)
+            with contextlib.suppress(Exception):
+                status = controller.call(lambda s: s.scheduler.status(rollout_id))
+            busy = sum(live.busy.values())
+            state = status.get("state", "running")
+            if view is not None:
+                view.update(_render(scenario, status, live, elapsed, len(specs)))
+            settled = state in ("finished", "paused", "stopped") and busy == 0
+            calm_since = (calm_since or time.monotonic()) if settled else None
+            if calm_since is not None and time.monotonic() - calm_since >= SETTLE:
+                break
+            if elapsed > scenario.meta.timeout:
+                timeline.append({"t": round(elapsed, 2), "what": "timeout"})
+                break
+    finally:
+        if view is not None:
+            view.stop()
+    timeline.extend({"t": None, "what": f"controller: {d['action']}", "detail": d["detail"]}
+                    for d in status.get("decisions", [])[::-1])
+    stop.set()
+    deadline = time.monotonic() + 30
+    while len(live.results) < len(workers) and time.monotonic() < deadline:
+        _drain(inbox, live, 0.25)
+    devices = [r for i in sorted(live.results) for r in live.results[i]]
+    if len(live.results) < len(workers):
+        raise SimError("a device worker did not report its devices' outcomes")
+    site_totals = live.site_totals()
+    sites = []
+    for s in scenario.sites:
+        st = site_totals.get(s.name, {})
+        sites.append(report.SiteResult(
+            name=s.name, devices=sum(1 for d in specs if d.site == s.name),
+            wan_bytes=st.get("wan_bytes", 0), lan_bytes=st.get("lan_bytes", 0),
+            wan_messages=st.get("wan_messages", 0), dropped_messages=st.get("dropped_messages", 0),
+            retransmits=st.get("retransmits", 0), relay_hits=st.get("relay_hits", 0),
+            metered=s.metered, relay=s.relay))
+    own_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return report.RunResult(
+        scenario=scenario, devices=devices, sites=sites,
+        rollout_state=status.get("state", "unknown"), rollout_reason=status.get("reason") or None,
+        bundle_bytes=fw.bundle_bytes, messages=sum(live.messages.values()),
+        processes=len(workers), peak_rss_bytes=own_rss + sum(live.rss.values()),
+        endpoints={"broker": broker.url, "broker_kind": broker.kind,
+                   "database": _redacted(controller.database_url)},
+        timeline=timeline,
+        notes=[f"controller restarts: {controller.restarts}",
+               f"controller tick errors: {controller.tick_errors}"],
+    )
+
+
+def _redacted(url: str) -> str:
+    from simulator.env import _redact  # noqa: PLC0415
+
+    return _redact(url)
+
+
+def _drain(inbox: Any, live: _Live, wait: float) -> None:
+    end = time.monotonic() + wait
+    while True:
+        timeout = end - time.monotonic()
+        try:
+            msg = inbox.get(timeout=max(0.0, timeout)) if timeout > 0 else inbox.get_nowait()
+        except queue.Empty:
+            return
+        kind, idx = msg[0], msg[1]
+        if kind == "ready":
+            live.ready.add(idx)
+        elif kind == "progress":
+            _, _, phases, busy, sites, messages, rss = msg
+            live.phases[idx], live.busy[idx], live.sites[idx] = Counter(phases), busy, sites
+            live.messages[idx], live.rss[idx] = messages, rss
+        elif kind == "result":
+            live.results[idx] = msg[2]
+            live.sites[idx], live.messages[idx], live.rss[idx] = msg[3], msg[4], msg[5]
+            live.busy[idx] = 0
+        elif kind == "error":
+            live.errors.append(msg[2])
+
+
+# ----------------------------------------------------------------------------- live view
+
+
+class _View:
+    def __init__(self, live: Any) -> None:
+        self._live = live
+
+    def update(self, renderable: Any) -> None:
+        self._live.update(renderable, refresh=True)
+
+    def stop(self) -> None:
+        self._live.stop()
+
+
+def _progress_view(console: Any, scenario: Scenario, total: int) -> _View:
+    from rich.live import Live  # noqa: PLC0415
+    from rich.text import Text  # noqa: PLC0415
+
+    live = Live(Text(f"{scenario.meta.name}: starting {total} devices"), console=console,
+                refresh_per_second=4, transient=False)
+    live.start()
+    return _View(live)
+
+
+def _bar(done: int, total: int, width: int = 24) -> str:
+    if total <= 0:
+        return " " * width
+    filled = round(width * done / total)
+    return "█" * filled + "░" * (width - filled)
+
+
+def _render(scenario: Scenario, status: dict[str, Any], live: _Live, elapsed: float,
+            total: int) -> Any:
+    from rich.console import Group  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415
+    from rich.text import Text  # noqa: PLC0415
+
+    from simulator.units import format_bytes  # noqa: PLC0415
+
+    state = status.get("state", "starting")
+    head = Text.assemble(
+        (f"{scenario.meta.name}", "bold"), f"  rollout {status.get('name', '')}: ",
+        (state, {"running": "cyan", "finished": "green", "paused": "yellow",
+                 "stopped": "red"}.get(state, "white")),
+        f"  {elapsed:5.1f} s  {total} devices",
+    )
+    if status.get("reason"):
+        head.append(f"\n  reason: {status['reason']}", style="yellow")
+    groups = Table(box=None, pad_edge=False, show_header=True, header_style="dim")
+    for col in ("group", "state", "progress", "ok", "failed", "in flight", "total"):
+        groups.add_column(col, justify="left" if col in ("group", "state", "progress") else "right")
+    for g in status.get("groups", []):
+        c = g.get("counts", {})
+        ok = c.get("succeeded", 0)
+        failed = sum(v for k, v in c.items() if k in ("failed", "reverted", "rejected"))
+        flight = sum(v for k, v in c.items() if k in ("commanded", "downloading", "installing",
+                                                     "in_progress", "cancel_sent"))
+        groups.add_row(g["name"], g["state"], _bar(ok + failed, g["total"]), str(ok),
+                       str(failed), str(flight), str(g["total"]))
+    phases = live.phase_counts()
+    phase_line = Text("devices: ", style="dim")
+    for name, n in sorted(phases.items(), key=lambda kv: -kv[1]):
+        phase_line.append(f"{name} {n}  ")
+    sites = Table(box=None, pad_edge=False, header_style="dim")
+    for col in ("site", "link", "WAN", "drops"):
+        sites.add_column(col, justify="left" if col in ("site", "link") else "right")
+    totals = live.site_totals()
+    for s in scenario.sites:
+        st = totals.get(s.name, {})
+        link = (f"{s.bandwidth / 1e6:g} Mbit/s" if s.bandwidth else "LAN") + (
+            " relay" if s.relay else "") + (" metered" if s.metered else "")
+        sites.add_row(s.name, link, format_bytes(st.get("wan_bytes", 0)),
+                      str(st.get("dropped_messages", 0)))
+    return Group(head, groups, phase_line, sites)
