@@ -5,9 +5,12 @@ Rules:
 * An upload is spooled to disk under a size cap, then verified against the trust root
   (``<data-dir>/trust.json``) with the bundle library before anything is recorded: the release
   role must have signed the manifest; the controller never holds release keys.
-* Chunks go to the content-addressed store under ``<data-dir>/chunks``; the release's full image
-  is kept under ``<data-dir>/images/<sha256>`` when it can be rebuilt, as the base of future
-  deltas.
+* Chunks go to the content-addressed store (``firmware_bundles.chunkstore``) under
+  ``<data-dir>/chunks``; the release's target image is rebuilt (and its digest checked against
+  the release-signed target) into ``<data-dir>/images/<sha256>`` when it can be (full payload,
+  or a delta whose base image is there), as the base of future deltas.
+* A device names the release's ``bundle_id`` when it fetches chunks; which payload's chunks it
+  gets is what the controller offered that device (its ``rollout_devices.payload_id``).
 * For a rollout, ``prepare_payloads`` makes one delta per distinct active-slot digest among the
   targeted devices for which the base image is known (``encode_delta``); the payload document is
   signed by the command role and names the release manifest's digest. A device whose active
@@ -18,9 +21,13 @@ Rules:
 
 from __future__ import annotations
 
-import hashlib
+import datetime as dt
 import json
+import logging
+import os
+import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,10 +35,23 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from controller.db import models as m
-from controller.errors import ControllerError, NotFound
+from controller.errors import Conflict, ControllerError, NotFound, ReleaseRejected
+from firmware_bundles.chunkstore import ChunkStore
+from firmware_bundles.errors import BundleError, DigestMismatch
+from firmware_bundles.slb import SlbReader
 
 if TYPE_CHECKING:
     from controller.service import ControllerService, Principal
+
+
+log = logging.getLogger(__name__)
+
+PAYLOAD_DOC_LIFETIME = 30 * 86400
+RESIGN_BEFORE = 86400
+
+
+def _utc(ts: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(ts, dt.UTC)
 
 
 class ReleaseStore:
@@ -39,19 +59,20 @@ class ReleaseStore:
 
     def __init__(self, svc: ControllerService) -> None:
         self.svc = svc
-        self.chunk_dir = svc.config.data_dir / "chunks"
+        self.store = ChunkStore(svc.config.data_dir / "chunks")
         self.image_dir = svc.config.data_dir / "images"
+        self.image_dir.mkdir(parents=True, exist_ok=True)
         self._key: Any = None
+        self._trust: Any = None
         self._lock = threading.Lock()
-        # payload id -> list of chunk sha256 (hot path of chunk requests)
+        # payload id -> chunk sha256 list; (device, bundle id) -> payload id (chunk hot path)
         self._tables: dict[str, list[str]] = {}
-        # device id -> payload ids it was told to fetch
-        self._offered: dict[str, set[str]] = {}
+        self._offered: dict[tuple[str, str], str] = {}
 
-    # ------------------------------------------------------------------ keys
+    # ------------------------------------------------------------------ keys and trust
 
     def command_key(self) -> Any:
-        """The controller's command signing key (loaded once)."""
+        """The controller's command signing key (``<data-dir>/keys/command.key``)."""
         with self._lock:
             if self._key is None:
                 from firmware_bundles.keys import read_key_file  # noqa: PLC0415
@@ -59,7 +80,7 @@ class ReleaseStore:
                 path = self.svc.config.data_dir / "keys" / "command.key"
                 if not path.exists():
                     raise ControllerError(
-                        f"no command key at {path.name} in the data directory's keys/",
+                        "the controller has no command key (keys/command.key in its data dir)",
                         code="controller.no_command_key",
                     )
                 key, role = read_key_file(path)
@@ -71,24 +92,164 @@ class ReleaseStore:
                 self._key = key
             return self._key
 
-    def sign_command(self, signed: dict[str, Any]) -> bytes:
-        """Signed command envelope bytes (command role)."""
-        from firmware_bundles.keys import sign_envelope  # noqa: PLC0415
+    def provision(self, trust_root: bytes, command_key: Any) -> None:
+        """Install the trust root and the command key (first setup, simulator, demo).
 
-        return sign_envelope(signed, [self.command_key()])
+        The trust root must verify and must list ``command_key`` under the command role.
+
+        Raises:
+            BundleError subclasses: the root does not verify.
+            ControllerError: the key is not the root's command key.
+        """
+        from firmware_bundles.keys import write_key_file  # noqa: PLC0415
+        from firmware_bundles.trust import Role, TrustStore  # noqa: PLC0415
+
+        store = TrustStore.from_root_bytes(trust_root)
+        if command_key.keyid not in store.root.roles[Role.COMMAND].keyids:
+            raise ControllerError(
+                "the command key is not listed in the trust root's command role",
+                code="controller.no_command_key",
+            )
+        keys = self.svc.config.data_dir / "keys"
+        keys.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (keys / "command.key").unlink(missing_ok=True)
+        write_key_file(keys / "command.key", command_key, "command")
+        tmp = self.svc.config.data_dir / "trust.json.tmp"
+        tmp.write_bytes(trust_root)
+        tmp.replace(self.svc.config.data_dir / "trust.json")
+        with self._lock:
+            self._key = None
+
+    def trust(self) -> Any:
+        """The trust store of ``<data-dir>/trust.json``."""
+        from firmware_bundles.trust import TrustStore  # noqa: PLC0415
+
+        path = self.svc.config.data_dir / "trust.json"
+        if not path.exists():
+            raise ReleaseRejected(
+                "the controller has no trust root (trust.json in its data dir)",
+                code="controller.no_trust_root",
+            )
+        return TrustStore.load(path)
+
+    def sign_command(self, signed: dict[str, Any]) -> bytes:
+        """Signed command envelope bytes (command role) for a schema-1 ``signed`` document."""
+        from firmware_bundles.commands import Action, sign_command  # noqa: PLC0415
+
+        return sign_command(
+            [self.command_key()],
+            device=signed["device"],
+            counter=signed["counter"],
+            action=Action(signed["action"]),
+            args=signed["args"],
+            issued=signed["issued"],
+            expires=signed["expires"],
+        )
+
+    # ------------------------------------------------------------------ upload
+
+    def add(self, actor: Principal, path: Path) -> dict[str, Any]:
+        """Verify a spooled ``.slb`` and record the release (see module docstring).
+
+        Raises:
+            ReleaseRejected: no trust root.
+            BundleError subclasses: the bundle does not verify (mapped to 422 with its code).
+            Conflict: a release with this bundle id exists.
+        """
+        from firmware_bundles.bundle import open_bundle  # noqa: PLC0415
+
+        now = int(self.svc.clock())
+        trust = self.trust()
+        with open_bundle(path, trust, now=now) as bundle:
+            rel = bundle.release
+            man = rel.manifest
+            with self.svc.sessions() as s:
+                if s.get(m.Release, man.bundle_id) is not None:
+                    raise Conflict(f"release {man.bundle_id!r} was already uploaded")
+            self._store_and_rebuild(rel, bundle.chunks())
+        payload = rel.payload
+        with path.open("rb") as f:
+            header = SlbReader(f).read_header()  # the exact envelope bytes just verified
+        with self.svc.sessions.begin() as s:
+            if s.get(m.Release, man.bundle_id) is not None:
+                raise Conflict(f"release {man.bundle_id!r} was already uploaded")
+            s.add(
+                m.Release(
+                    bundle_id=man.bundle_id,
+                    component=man.component,
+                    version=man.version,
+                    security_version=man.security_version,
+                    hardware_models=list(man.hardware),
+                    target_sha256=man.target.sha256,
+                    target_size=man.target.size,
+                    requires=dict(man.requires_map),
+                    manifest=header.manifest,
+                    notes=man.notes,
+                    uploaded_at=_utc(now),
+                    uploaded_by=actor.name,
+                )
+            )
+            s.flush()
+            s.add(
+                m.Payload(
+                    payload_id=man.bundle_id,
+                    release_id=man.bundle_id,
+                    kind=payload.kind.value,
+                    base_sha256=payload.base.sha256 if payload.base else None,
+                    chunks=[c.to_json() for c in payload.chunks],
+                    size=payload.stored_size,
+                    doc=header.payload_doc,
+                )
+            )
+            self.svc.audit(
+                s,
+                actor,
+                "release.upload",
+                man.bundle_id,
+                component=man.component,
+                version=man.version,
+                target_sha256=man.target.sha256,
+            )
+        return self.show(man.bundle_id)
+
+    def _store_and_rebuild(self, rel: Any, chunks: Iterator[bytes]) -> None:
+        """Put every (verified) chunk in the store; rebuild the target image if possible."""
+        from firmware_bundles.bundle import apply_chunks  # noqa: PLC0415
+        from firmware_bundles.delta import FileBaseReader  # noqa: PLC0415
+
+        def stored() -> Iterator[bytes]:
+            for data in chunks:
+                self.store.put(data)
+                yield data
+
+        target = self.image_dir / rel.target.sha256
+        payload = rel.payload
+        base_path = self.image_dir / payload.base.sha256 if payload.base else None
+        if target.exists() or (base_path is not None and not base_path.exists()):
+            for _ in stored():
+                pass
+            return
+        fd, tmp = tempfile.mkstemp(dir=self.image_dir, prefix=".rebuild-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                if base_path is None:
+                    apply_chunks(rel, stored(), None, out.write)
+                else:
+                    with FileBaseReader(base_path) as base:
+                        apply_chunks(rel, stored(), base, out.write)
+                out.flush()
+                os.fsync(out.fileno())
+            Path(tmp).replace(target)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ catalogue
 
-    def add(self, actor: Principal, path: Path) -> dict[str, Any]:
-        """Verify a spooled ``.slb`` and record the release (see module docstring)."""
-        raise NotImplementedError(path, actor)
-
     def list(self) -> list[dict[str, Any]]:
-        """Every release."""
+        """Every release, oldest first."""
         with self.svc.sessions() as s:
-            return [
-                self._doc(r) for r in s.scalars(select(m.Release).order_by(m.Release.uploaded_at))
-            ]
+            q = select(m.Release).order_by(m.Release.uploaded_at, m.Release.bundle_id)
+            return [self._doc(r) for r in s.scalars(q)]
 
     def show(self, bundle_id: str) -> dict[str, Any]:
         """One release with its payloads."""
@@ -104,9 +265,11 @@ class ReleaseStore:
                     "base_sha256": x.base_sha256,
                     "size": x.size,
                     "chunks": len(x.chunks),
+                    "controller_made": x.doc is not None and x.payload_id != r.bundle_id,
                 }
                 for x in s.scalars(select(m.Payload).where(m.Payload.release_id == bundle_id))
             ]
+            doc["image_known"] = (self.image_dir / r.target_sha256).exists()
             return doc
 
     @staticmethod
@@ -127,14 +290,69 @@ class ReleaseStore:
     # ------------------------------------------------------------------ payloads
 
     def prepare_payloads(self, rollout_id: int) -> int:
-        """Make the delta payloads a rollout's devices need; returns how many were made."""
-        del rollout_id
-        return 0
+        """Make one delta per base digest among the rollout's devices that lacks a payload.
+
+        A base is usable when its image is in ``images/`` (an earlier release rebuilt it) and
+        the release's target image is there too. Returns the number of payloads made.
+        """
+        from firmware_bundles.bundle import encode_payload  # noqa: PLC0415
+        from firmware_bundles.keys import parse_envelope  # noqa: PLC0415
+        from firmware_bundles.payload import sign_payload_doc  # noqa: PLC0415
+
+        with self.svc.sessions() as s:
+            ro = s.get(m.Rollout, rollout_id)
+            assert ro is not None
+            release = s.get(m.Release, ro.release_id)
+            assert release is not None
+            digests = set(
+                s.scalars(
+                    select(m.Device.active_digest)
+                    .join(m.RolloutDevice, m.RolloutDevice.device_id == m.Device.id)
+                    .where(m.RolloutDevice.rollout_id == rollout_id)
+                    .distinct()
+                )
+            )
+            have = {p.base_sha256 for p in self._payloads(s, release.bundle_id)}
+        target = self.image_dir / release.target_sha256
+        made = 0
+        for digest in sorted(d for d in digests if d and d not in have):
+            base = self.image_dir / digest
+            if not (base.exists() and target.exists()) or digest == release.target_sha256:
+                continue
+            try:
+                payload = encode_payload(target, base, self.store.put)
+            except (BundleError, OSError) as e:
+                log.warning("delta from %s for %s failed: %s", digest[:12], release.bundle_id, e)
+                continue
+            # Keep the smaller of delta and full: a delta can be larger than the image.
+            now = int(self.svc.clock())
+            env = parse_envelope(json.loads(release.manifest))
+            doc = sign_payload_doc(
+                payload, env, [self.command_key()], created=now, expires=now + PAYLOAD_DOC_LIFETIME
+            )
+            with self.svc.sessions.begin() as s:
+                s.add(
+                    m.Payload(
+                        payload_id=f"{release.bundle_id}@{digest[:16]}",
+                        release_id=release.bundle_id,
+                        kind=payload.kind.value,
+                        base_sha256=digest,
+                        chunks=[c.to_json() for c in payload.chunks],
+                        size=payload.stored_size,
+                        doc=doc,
+                    )
+                )
+            made += 1
+        return made
 
     def install_args(
         self, s: Session, release: m.Release, device_id: str, rollout_id: int
     ) -> dict[str, Any] | None:
-        """The ``args`` of an install command for one device, or None if no payload fits."""
+        """The ``args`` of an install command for one device, or None if no payload fits.
+
+        Choice: a payload for the device's active digest (release delta or controller delta),
+        else a full payload, else none.
+        """
         dev = s.get(m.Device, device_id)
         assert dev is not None
         payloads = self._payloads(s, release.bundle_id)
@@ -146,58 +364,78 @@ class ReleaseStore:
         if chosen is None:
             return None
         args: dict[str, Any] = {
-            "bundle_id": chosen.payload_id,
+            "bundle_id": release.bundle_id,
             "manifest": json.loads(release.manifest),
             "rollout": str(rollout_id),
         }
         if chosen.doc is not None:
-            args["payload"] = json.loads(chosen.doc)
+            args["payload"] = json.loads(self._fresh_doc(release, chosen))
         with self._lock:
-            self._offered.setdefault(device_id, set()).add(chosen.payload_id)
+            self._offered[device_id, release.bundle_id] = chosen.payload_id
+        args["_payload_id"] = chosen.payload_id
         return args
+
+    def _fresh_doc(self, release: m.Release, payload: m.Payload) -> bytes:
+        """The payload doc, re-signed when it is about to expire (controller-made only)."""
+        assert payload.doc is not None
+        doc = json.loads(payload.doc)
+        now = int(self.svc.clock())
+        if (
+            payload.payload_id == release.bundle_id
+            or doc["signed"]["expires"] - now > RESIGN_BEFORE
+        ):
+            return payload.doc
+        from firmware_bundles.keys import parse_envelope  # noqa: PLC0415
+        from firmware_bundles.manifest import Payload as PayloadValue  # noqa: PLC0415
+        from firmware_bundles.payload import sign_payload_doc  # noqa: PLC0415
+
+        value = PayloadValue.from_json(doc["signed"]["payload"])
+        env = parse_envelope(json.loads(release.manifest))
+        payload.doc = sign_payload_doc(
+            value, env, [self.command_key()], created=now, expires=now + PAYLOAD_DOC_LIFETIME
+        )
+        return payload.doc
 
     def _payloads(self, s: Session, release_id: str) -> list[m.Payload]:
         return list(s.scalars(select(m.Payload).where(m.Payload.release_id == release_id)))
 
-    # ------------------------------------------------------------------ chunks
-
-    def chunk_path(self, sha256: str) -> Path:
-        """Where a chunk with this digest lives."""
-        return self.chunk_dir / sha256[:2] / sha256
+    # ------------------------------------------------------------------ chunks: ChunkSource
 
     def resolve_chunk(self, device_id: str, bundle_id: str, index: int) -> bytes | None:
-        """Chunk ``index`` of payload ``bundle_id`` if it was offered to ``device_id``."""
+        """Chunk ``index`` of what ``device_id`` was offered for ``bundle_id`` (else None)."""
         with self._lock:
-            offered = bundle_id in self._offered.get(device_id, ())
-            table = self._tables.get(bundle_id)
-        if not offered:
+            payload_id = self._offered.get((device_id, bundle_id))
+        if payload_id is None:
             with self.svc.sessions() as s:
-                hit = s.scalar(
+                payload_id = s.scalar(
                     select(m.RolloutDevice.payload_id)
+                    .join(m.Payload, m.Payload.payload_id == m.RolloutDevice.payload_id)
                     .where(
-                        m.RolloutDevice.device_id == device_id,
-                        m.RolloutDevice.payload_id == bundle_id,
+                        m.RolloutDevice.device_id == device_id, m.Payload.release_id == bundle_id
                     )
+                    .order_by(m.RolloutDevice.rollout_id.desc())
                     .limit(1)
                 )
-            if hit is None:
+            if payload_id is None:
                 return None
             with self._lock:
-                self._offered.setdefault(device_id, set()).add(bundle_id)
+                self._offered[device_id, bundle_id] = payload_id
+        with self._lock:
+            table = self._tables.get(payload_id)
         if table is None:
             with self.svc.sessions() as s:
-                payload = s.get(m.Payload, bundle_id)
+                payload = s.get(m.Payload, payload_id)
                 if payload is None:
                     return None
                 table = [c["sha256"] for c in payload.chunks]
             with self._lock:
-                self._tables[bundle_id] = table
+                self._tables[payload_id] = table
         if not 0 <= index < len(table):
             return None
-        path = self.chunk_path(table[index])
         try:
-            data = path.read_bytes()
-        except FileNotFoundError:
+            return self.store.get(table[index])
+        except (FileNotFoundError, DigestMismatch):
+            # A rotten chunk file is deleted by the store; never serve it.
             return None
-        # A chunk file damaged on disk must never be served: devices would reject it anyway.
-        return data if hashlib.sha256(data).hexdigest() == table[index] else None
+        except BundleError:
+            return None

@@ -1,11 +1,12 @@
 """Wiring of the running controller.
 
-Service, MQTT gateway (if a broker is given), scheduler thread, uvicorn: the only place that
-starts threads or servers.
+Service, MQTT gateway (if a broker is given, on its own event loop thread), the report writer and
+scheduler threads, uvicorn: the only place that starts threads or servers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -20,11 +21,54 @@ from controller.service import ControllerConfig, ControllerService
 log = logging.getLogger("slotline.controller")
 
 
-def _gateway(broker_url: str, service: ControllerService) -> Any:
-    """The transport engineer's MQTT gateway, started against ``broker_url``."""
-    from controller.gateway import start_gateway  # noqa: PLC0415
+class GatewayThread:
+    """The MQTT gateway running on an event loop in a daemon thread."""
 
-    return start_gateway(broker_url, inbox=service, chunks=service)
+    def __init__(self, broker_url: str, service: ControllerService, client_id: str) -> None:
+        from agent.transport.aioclient import MqttSettings  # noqa: PLC0415
+        from controller.gateway import MqttGateway  # noqa: PLC0415
+        from firmware_bundles.throttle import LinkProfile, SiteBudgets  # noqa: PLC0415
+
+        budgets = SiteBudgets(
+            profiles={
+                site["name"]: LinkProfile.flat(site["bandwidth_bps"] / 8, name=site["name"])
+                for site in service.list_sites()
+                if site["bandwidth_bps"]
+            }
+        )
+        self.loop = asyncio.new_event_loop()
+        settings = MqttSettings.from_url(broker_url, client_id)
+        self.gateway = MqttGateway(settings, service, service, budgets=budgets)
+        self.thread = threading.Thread(target=self._run, name="mqtt-gateway", daemon=True)
+        self._ready = threading.Event()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self.gateway.start())
+        self._ready.set()
+        self.loop.run_forever()
+
+    def start(self, timeout: float = 15.0) -> None:
+        """Start the loop thread and wait until the gateway is connected."""
+        self.thread.start()
+        if not self._ready.wait(timeout):
+            raise RuntimeError("MQTT gateway did not start")
+        fut = asyncio.run_coroutine_threadsafe(self.gateway.wait_ready(timeout), self.loop)
+        if not fut.result(timeout + 1):
+            log.warning("MQTT gateway not connected yet; it keeps retrying")
+
+    def publish_command(self, device_id: str, command: bytes) -> None:
+        """DeviceGateway: thread-safe hand-over to the gateway's loop."""
+        self.gateway.publish_command(device_id, command)
+
+    def close(self) -> None:
+        """Stop the gateway and its loop."""
+        fut = asyncio.run_coroutine_threadsafe(self.gateway.stop(), self.loop)
+        try:
+            fut.result(10)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=10)
 
 
 def _write_admin_token(service: ControllerService, data_dir: Path) -> None:
@@ -36,6 +80,14 @@ def _write_admin_token(service: ControllerService, data_dir: Path) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
     log.warning("bootstrap admin token written to %s", path)
+
+
+def _loop(stop: threading.Event, every: float, fn: Any, what: str) -> None:
+    while not stop.wait(every):
+        try:
+            fn()
+        except Exception:
+            log.exception("%s failed; retrying", what)
 
 
 def run(
@@ -58,20 +110,31 @@ def run(
     )
     service = ControllerService(config)
     _write_admin_token(service, data_dir)
-    gateway = _gateway(broker_url, service) if broker_url else None
-    service.gateway = gateway
+    gateway = None
+    if broker_url:
+        gateway = GatewayThread(broker_url, service, f"controller-{os.getpid()}")
+        gateway.start()
+        service.gateway = gateway
+    # Commands decided before a crash but not handed over yet go out first.
+    service.publish_pending()
     stop = threading.Event()
-
-    def scheduler() -> None:
-        service.publish_pending()  # commands decided before a crash, not yet handed over
-        while not stop.wait(tick):
-            try:
-                service.tick()
-            except Exception:
-                log.exception("scheduler round failed; retrying next round")
-
-    thread = threading.Thread(target=scheduler, name="scheduler", daemon=True)
-    thread.start()
+    threads = [
+        threading.Thread(
+            target=_loop,
+            args=(stop, tick, service.tick, "scheduler round"),
+            name="scheduler",
+            daemon=True,
+        ),
+        threading.Thread(
+            target=_loop,
+            args=(stop, 0.2, service.drain_reports, "report writer"),
+            name="reports",
+            daemon=True,
+        ),
+    ]
+    for t in threads:
+        t.start()
+    print(f"slotline controller ready on http://{host}:{port}", flush=True)  # noqa: T201
     try:
         uvicorn.run(
             create_app(service),
@@ -83,8 +146,9 @@ def run(
         )
     finally:
         stop.set()
-        thread.join(timeout=10)
-        if gateway is not None and hasattr(gateway, "close"):
+        for t in threads:
+            t.join(timeout=10)
+        if gateway is not None:
             gateway.close()
         service.close()
     return 0

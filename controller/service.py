@@ -65,7 +65,7 @@ class ControllerConfig:
     data_dir: Path
     broker_url: str = "mqtts://127.0.0.1:8883"
     max_upload_bytes: int = 4 * 1024**3
-    command_ttl_seconds: int = 7 * 24 * 3600
+    command_ttl_seconds: int = 24 * 3600
     cert_days: int = 825
     health_metric: str = "errors"
 
@@ -134,10 +134,12 @@ class ControllerService:
         self._caches = _Caches()
         # Imported here to keep the import graph one-way (these modules import this one's types).
         from controller.releases import ReleaseStore  # noqa: PLC0415
+        from controller.reports import Reports  # noqa: PLC0415
         from controller.rollout.scheduler import Scheduler  # noqa: PLC0415
 
         self.releases = ReleaseStore(self)
         self.scheduler = Scheduler(self)
+        self.reports = Reports(self)
 
     def close(self) -> None:
         """Release database connections."""
@@ -299,7 +301,7 @@ class ControllerService:
             ]
 
     def site_budget(self, site: str) -> int | None:
-        """Bytes per second the site's link may carry for updates (None: no limit)."""
+        """Bits per second the site's link may carry for updates (None: no limit)."""
         with self.sessions() as s:
             row = s.get(m.Site, site)
             return row.bandwidth_bps if row else None
@@ -461,6 +463,8 @@ class ControllerService:
             if dev.status == "decommissioned":
                 raise Conflict(f"device {device_id!r} is already decommissioned")
             dev.status = "decommissioned"
+            with self._caches.lock:
+                self._caches.site_of.pop(device_id, None)
             s.merge(
                 m.RevokedCert(serial=dev.cert_serial, device_id=device_id, revoked_at=_utc(now))
             )
@@ -528,25 +532,23 @@ class ControllerService:
     # ------------------------------------------------------------------ inbox: ControllerInbox
 
     def on_state(self, device_id: str, state: Mapping[str, Any]) -> None:
-        """A device's retained state: active slot digest, component versions, health."""
-        self.scheduler.record_state(device_id, state)
+        """A device's retained state: active slot digest, component versions, health (queued)."""
+        self.reports.put("state", device_id, state)
 
     def on_event(self, device_id: str, event: Mapping[str, Any]) -> None:
-        """A device event: phase transitions and results of a rollout's command."""
-        self.scheduler.record_event(device_id, event)
+        """A device event: phase transitions and results of a rollout's command (queued)."""
+        self.reports.put("event", device_id, event)
 
     def on_online(self, device_id: str, online: bool) -> None:
-        """Presence (connect, or the last will)."""
-        if not self._known(device_id):
-            return
-        with self.sessions.begin() as s:
-            s.execute(
-                update(m.Device)
-                .where(m.Device.id == device_id)
-                .values(online=online, last_seen=_utc(self.clock()))
-            )
+        """Presence: connect, or the last will (queued)."""
+        self.reports.put("online", device_id, online)
 
-    def _known(self, device_id: str) -> bool:
+    def drain_reports(self) -> int:
+        """Apply every queued device report now (``tick`` does this first)."""
+        return self.reports.drain()
+
+    def known_device(self, device_id: str) -> bool:
+        """Whether ``device_id`` is an enrolled, active device (cached)."""
         with self._caches.lock:
             if device_id in self._caches.site_of:
                 return True
@@ -566,7 +568,7 @@ class ControllerService:
 
     def site_of(self, device_id: str) -> str | None:
         """The site of a device, from a cache filled on enrollment and first look-up."""
-        if self._known(device_id):
+        if self.known_device(device_id):
             with self._caches.lock:
                 return self._caches.site_of.get(device_id)
         return None

@@ -14,14 +14,11 @@ Rules (restart safety, design "the scheduler persists every decision"):
 * On PostgreSQL the rollout row is locked ``FOR UPDATE SKIP LOCKED`` for the round, so replicas
   never plan the same rollout at once.
 
-Device reports enter through ``record_state``/``record_event`` (the service's ControllerInbox):
-an event naming the command counter (or rollout) moves the device's rollout row to SUCCEEDED
-(``committed``), FAILED (``reverted``, ``failed``, ``rejected``) or ROLLED_BACK.
+Device reports are applied by ``controller/reports.py`` (drained before every tick).
 """
 
 from __future__ import annotations
 
-import enum
 import json
 import logging
 import math
@@ -37,6 +34,7 @@ from controller.db import models as m
 from controller.errors import Conflict, InvalidInput, NotFound, RequirementsUnmet, RolloutError
 from controller.ids import check_device_id, check_id
 from controller.rollout import planner as p
+from controller.rollout.states import DS
 from controller.rollout.targeting import split_phases, unmet, window_open
 
 if TYPE_CHECKING:
@@ -45,22 +43,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class DeviceRolloutState(enum.Enum):
-    """A device's part in one rollout."""
-
-    SCHEDULED = "scheduled"
-    COMMANDED = "commanded"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCEL_SENT = "cancel_sent"
-    CANCELLED = "cancelled"
-    ROLLBACK_SENT = "rollback_sent"
-    ROLLED_BACK = "rolled_back"
-
-
-DS = DeviceRolloutState
-_SUCCESS_RESULTS = frozenset({"committed"})
-_FAILURE_RESULTS = frozenset({"reverted", "failed", "rejected"})
 _DEFAULT_PHASES = (1, 10, 50, 100)
 MAX_GROUPS = 20
 
@@ -489,6 +471,7 @@ class Scheduler:
             The decisions taken, one dict per action (for logs and tests).
         """
         now = self.svc.clock() if now is None else now
+        self.svc.reports.drain()
         with self.svc.sessions() as s:
             ids = list(s.scalars(select(m.Rollout.id).where(m.Rollout.state == "running")))
         taken: list[dict[str, Any]] = []
@@ -662,13 +645,14 @@ class Scheduler:
             if cap is not None and per_site[rd.site] >= cap:
                 continue
             args = self.svc.releases.install_args(s, release, rd.device_id, ro.id)
+            payload_id = args.pop("_payload_id", None) if args is not None else None
             if args is None:
                 rd.state, rd.error = DS.FAILED.value, "controller.no_payload"
                 continue
             counter = self._command(
                 s, device_id=rd.device_id, action="install", args=args, rollout_id=ro.id, now=now
             )
-            rd.state, rd.counter, rd.payload_id = DS.COMMANDED.value, counter, args["bundle_id"]
+            rd.state, rd.counter, rd.payload_id = DS.COMMANDED.value, counter, payload_id
             rd.updated_at = now
             per_site[rd.site] += 1
             sent += 1
@@ -746,109 +730,6 @@ class Scheduler:
                 )
             total += len(rows)
         return total
-
-    # ------------------------------------------------------------------ device reports
-
-    def record_state(self, device_id: str, state: Mapping[str, Any]) -> None:
-        """Store what a device's retained state says (digest, versions, health)."""
-        if not self.svc._known(device_id):  # noqa: SLF001 (the service's own cache)
-            return
-        values: dict[str, Any] = {"last_seen": _utc(self.svc.clock())}
-        digest = _active_digest(state)
-        if digest is not None:
-            values["active_digest"] = digest
-        versions = state.get("versions")
-        if isinstance(versions, dict) and len(versions) <= 32:
-            values["versions"] = {
-                str(k)[:64]: str(v)[:64] for k, v in versions.items() if isinstance(v, str)
-            }
-        health = state.get("health")
-        if isinstance(health, dict) and len(health) <= 32:
-            values["health"] = {
-                str(k)[:64]: v
-                for k, v in health.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool)
-            }
-        values["state"] = {
-            k: state[k] for k in ("phase", "slots", "active", "progress") if k in state
-        }
-        with self.svc.sessions.begin() as s:
-            s.execute(update(m.Device).where(m.Device.id == device_id).values(**values))
-
-    def record_event(self, device_id: str, event: Mapping[str, Any]) -> None:
-        """Apply a device event to its rollout row (see module docstring)."""
-        if not self.svc._known(device_id):  # noqa: SLF001
-            return
-        phase = event.get("phase") or event.get("result")
-        if not isinstance(phase, str):
-            return
-        counter = event.get("counter")
-        rollout = event.get("rollout")
-        now = self.svc.clock()
-        with self.svc.sessions.begin() as s:
-            q = select(m.RolloutDevice).where(m.RolloutDevice.device_id == device_id)
-            if type(counter) is int and counter > 0:
-                cmd = s.scalar(
-                    select(m.Command).where(
-                        m.Command.device_id == device_id, m.Command.counter == counter
-                    )
-                )
-                if cmd is None or cmd.rollout_id is None:
-                    return
-                q = q.where(m.RolloutDevice.rollout_id == cmd.rollout_id)
-            elif isinstance(rollout, str) and rollout.isdigit():
-                q = q.where(m.RolloutDevice.rollout_id == int(rollout))
-            else:
-                return
-            rd = s.scalar(q)
-            if rd is None:
-                return
-            new = _next_state(DS(rd.state), phase)
-            if new is not None:
-                rd.state = new.value
-                if new is DS.FAILED:
-                    code = event.get("code")
-                    rd.error = code[:200] if isinstance(code, str) else phase
-            progress = event.get("progress")
-            if type(progress) is int and 0 <= progress <= 100:
-                rd.progress = progress
-            rd.phase, rd.updated_at = phase[:30], now
-            health = event.get("health")
-            if isinstance(health, dict) and len(health) <= 32:
-                dev = s.get(m.Device, device_id)
-                if dev is not None:
-                    dev.health = {
-                        str(k)[:64]: v
-                        for k, v in health.items()
-                        if isinstance(v, (int, float)) and not isinstance(v, bool)
-                    }
-
-
-def _active_digest(state: Mapping[str, Any]) -> str | None:
-    digest = state.get("active_digest")
-    if isinstance(digest, str) and len(digest) == 64:
-        return digest
-    slots, active = state.get("slots"), state.get("active")
-    if isinstance(slots, dict) and isinstance(active, str):
-        slot = slots.get(active)
-        if isinstance(slot, dict) and isinstance(slot.get("sha256"), str):
-            d: str = slot["sha256"]
-            return d if len(d) == 64 else None
-    return None
-
-
-def _next_state(current: DS, phase: str) -> DS | None:
-    """Where a device's rollout row goes on a reported phase (None: stays)."""
-    if current is DS.COMMANDED:
-        if phase in _SUCCESS_RESULTS:
-            return DS.SUCCEEDED
-        if phase in _FAILURE_RESULTS:
-            return DS.FAILED
-    if current is DS.CANCEL_SENT and phase in {"cancelled", "idle", *_FAILURE_RESULTS}:
-        return DS.CANCELLED
-    if current is DS.ROLLBACK_SENT and phase in {"rolled_back", "reverted"}:
-        return DS.ROLLED_BACK
-    return None
 
 
 def _utc(ts: float) -> Any:
