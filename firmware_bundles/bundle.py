@@ -346,15 +346,18 @@ def apply_chunks(
     h = hashlib.sha256()
     size = 0
     entries = release.payload.chunks
-    count = 0
-    for entry, data in zip(entries, chunks, strict=False):
-        count += 1
+    source = iter(chunks)
+    for index, entry in enumerate(entries):
+        data = next(source, None)
+        if data is None:
+            raise Truncated(f"{index} chunks of {len(entries)}")
         for piece in decode_verified_chunk(entry, data, base):
             h.update(piece)
             size += len(piece)
             write(piece)
-    if count != len(entries):
-        raise Truncated(f"{count} chunks of {len(entries)}")
+    # Pull once more: a .slb reader checks for trailing bytes only when asked past the end.
+    for _extra in source:
+        raise SizeExceeded("more chunks than the signed table")
     result = ImageRef(size=size, sha256=h.hexdigest())
     if result != release.target:
         raise DigestMismatch("applied image does not match the release-signed target digest")
@@ -543,6 +546,34 @@ def build_bundle(
     finally:
         spool.unlink(missing_ok=True)
     return manifest
+
+
+def build_payload_doc(
+    release: VerifiedRelease,
+    new: Path,
+    base: Path,
+    command_keys: Sequence[SigningKey],
+    sink: Callable[[bytes], object],
+    *,
+    now: int,
+    expires: int,
+    chunk_out_size: int | None = None,
+) -> bytes:
+    """Controller side: a command-signed delta from ``base`` to a verified release's target.
+
+    Each chunk goes to ``sink`` (e.g. ``ChunkStore.put``); returns the payload doc envelope that
+    travels with the release manifest (in an install command, or in a ``.slb``).
+
+    Raises:
+        DigestMismatch: ``new`` is not the release's target image.
+    """
+    from firmware_bundles.payload import sign_payload_doc  # noqa: PLC0415
+
+    verify_image(new, release.target)
+    payload = encode_payload(new, base, sink, chunk_out_size=chunk_out_size)
+    return sign_payload_doc(
+        payload, release.manifest_envelope, command_keys, created=now, expires=expires
+    )
 
 
 # ------------------------------------------------------------------------------------ inspect
