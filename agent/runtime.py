@@ -172,7 +172,7 @@ class MemorySource:
 
     async def fetch(self, start: int, count: int) -> AsyncIterator[tuple[int, bytes]]:
         """Yield them in order."""
-        for i in range(start, count):
+        for i in range(start, min(count, len(self._chunks))):
             yield i, self._chunks[i]
             await asyncio.sleep(0)
 
@@ -378,7 +378,11 @@ class Agent:
             await self._feed(Rejected(e.code, str(e)))
             return
         if cmd.action == "install" and cmd.release is not None:
-            source = cmd.source or self._transport_source(cmd.release.bundle_id)
+            source = cmd.source or (self._sources(cmd.release.bundle_id) if self._sources else None)
+            if source is None and self.transport is None:
+                await self._feed(Rejected("transfer.error", "no chunk source", cmd.release.bundle_id))
+                return
+            source = source or self._transport_source(cmd.release.bundle_id)
             await self._request_install(cmd.release, source, cmd.counter)
         elif cmd.action == "cancel":
             await self._feed(CancelRequested(cmd.counter))
@@ -474,15 +478,23 @@ class Agent:
                     return
                 self._source = self._transport_source(fetch.bundle_id)
             failed: Event | None = None
-            try:
-                async for index, data in self._source.fetch(fetch.start, fetch.count):
-                    await self._feed(ChunkFetched(index, data))
-                    if self._fetch is not None or self.state.phase is not Phase.DOWNLOADING:
-                        break  # restarted (bad chunk) or finished/failed
-            except (TransferError, OSError) as e:
-                failed = FetchFailed(getattr(e, "code", "transfer.error"), str(e))
-            except BundleRejected as e:
-                failed = FetchFailed(e.code, str(e))
+            chunks = aiter(self._source.fetch(fetch.start, fetch.count))
+            while True:
+                try:
+                    index, data = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+                except BundleError as e:
+                    failed = FetchFailed(e.code, str(e))
+                    break
+                except Exception as e:  # any source failure is a transfer failure, by design
+                    failed = FetchFailed("transfer.error", f"{type(e).__name__}: {e}")
+                    break
+                await self._feed(ChunkFetched(index, data))
+                if self._fetch is not None or self.state.phase is not Phase.DOWNLOADING:
+                    break  # restarted (bad chunk) or finished/failed
+            with contextlib.suppress(Exception):
+                await chunks.aclose()  # type: ignore[attr-defined]
             if self._reboot_requested:
                 return
             if failed is not None and self.state.phase is Phase.DOWNLOADING:
@@ -496,6 +508,8 @@ class Agent:
         if self._reboot_requested:
             return
         async with self._lock:
+            if isinstance(event, ChunkFetched | FetchFailed) and self.state.phase is not Phase.DOWNLOADING:
+                return  # a late chunk from a fetch that a cancel or failure already ended
             queue: deque[Event] = deque([event])
             try:
                 while queue:

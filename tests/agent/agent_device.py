@@ -112,6 +112,7 @@ class Device:
     bricked: list[str] = field(default_factory=list)
     last_agent: Agent | None = None
     cuts: int = 0
+    migrations: object = None
 
     def __post_init__(self) -> None:
         self.fs.put(SLOT_A, self.factory + b"\0" * (CAPACITY - len(self.factory)))
@@ -140,7 +141,13 @@ class Device:
         self.sizes.add(len(img))
 
     def agent(self, slot: BootSlot, sources: dict[str, tuple[bytes, ...]], behaviour: str) -> Agent:
-        checks = [Check("file", path=self.ok_path if behaviour == "good" else self.ok_path + ".missing")]
+        checks = {
+            "good": [Check("file", path=self.ok_path)],
+            "fails": [Check("file", path=self.ok_path + ".missing")],
+            "hangs": [Check("command", argv=("sleep", "30"), timeout=0.3)],
+            "crashes": [Check("command", argv=("/nonexistent/selftest",))],
+            "slow": [Check("command", argv=("sleep", "30"), timeout=20)],
+        }[behaviour]
         return Agent(
             AgentConfig(
                 device_id="dev-1",
@@ -155,7 +162,8 @@ class Device:
             clock=Clock(),
             power=Power(),
             booted=slot,
-            selftest=SelfTestRunner(checks, deadline=5),
+            selftest=SelfTestRunner(checks, deadline=1.0 if behaviour == "slow" else 5),
+            migrations=self.migrations,
             sources=lambda bid: MemorySource(sources[bid]) if bid in sources else None,
         )
 
