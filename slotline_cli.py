@@ -24,6 +24,7 @@ _GROUPS: dict[str, tuple[str, str]] = {
     "release": ("controller.ops_cli:release", "Upload, list and show releases."),
     "rollout": ("controller.ops_cli:rollout", "Create and steer rollouts."),
     "token": ("controller.ops_cli:token", "Issue API and enrollment tokens."),
+    "site": ("controller.ops_cli:site", "Site time zones, maintenance windows, bandwidth."),
     "relay": ("agent.transport.relay_cli:relay", "Run a site relay (chunk cache for one site)."),
     "broker": ("agent.transport.broker_cli:broker", "Run the embedded MQTT broker."),
     "sim": ("simulator.cli:sim", "Run fleet scenarios on virtual devices."),

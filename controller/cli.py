@@ -60,6 +60,25 @@ def controller() -> None:
     help="Seconds between scheduler rounds.",
 )
 @click.option(
+    "--trust",
+    "trust_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Install this trust root (trust.json) before serving (with --command-key).",
+)
+@click.option(
+    "--command-key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Install this command-role key file before serving.",
+)
+@click.option(
+    "--client-id",
+    default="slotline-controller",
+    show_default=True,
+    help="MQTT client id (stable, so the broker keeps the session across restarts).",
+)
+@click.option(
     "--max-upload",
     default=4 * 1024**3,
     show_default=True,
@@ -73,6 +92,9 @@ def serve(  # noqa: PLR0917 (click passes options positionally)
     data_dir: Path | None,
     broker_url: str | None,
     tick: float,
+    trust_file: Path | None,
+    command_key: Path | None,
+    client_id: str,
     max_upload: int,
 ) -> None:
     """Serve the API, run the scheduler, and (with --broker) the MQTT gateway."""
@@ -89,5 +111,8 @@ def serve(  # noqa: PLR0917 (click passes options positionally)
             broker_url=broker_url,
             tick=tick,
             max_upload=max_upload,
+            trust_file=trust_file,
+            command_key=command_key,
+            client_id=client_id,
         )
     )

@@ -10,6 +10,8 @@ Rules:
 * What the controller reads (see docs/controller.md "Device reports"):
   - state: ``active_digest`` (or ``slots`` + ``primary``/``active`` with a ``sha256``), component
     ``versions`` ({component: version}), ``health`` ({metric: number}), ``phase``;
+  - a state whose active digest is the target of the device's rollout (or whose ``last_result``
+    names the rollout's bundle) settles the rollout row like the result event would;
   - events: ``{"type": "result", "outcome": committed|reverted|failed|rejected|rolled_back,
     "bundle_id", "code"}`` moves the device's active rollout row; ``{"type": "phase", "phase",
     "progress"}`` updates its phase; ``health`` in any event updates the device's health.
@@ -140,6 +142,8 @@ class Reports:
                     .where(m.Device.id == device_id)
                     .values(online=flag, last_seen=seen)
                 )
+            if states:
+                self._reconcile(s, states, now)
             if not events:
                 return
             ids = sorted({d for d, _ in events})
@@ -153,6 +157,42 @@ class Reports:
                     rows.setdefault(rd.device_id, []).append(rd)
             for device_id, event in events:
                 self._event(s, rows.get(device_id, []), device_id, event, now)
+
+    @staticmethod
+    def _reconcile(s: Any, states: dict[str, dict[str, Any]], now: float) -> None:
+        """Results a lost event would have carried, read from the retained state.
+
+        A device whose active slot now holds its rollout's target image has succeeded; a
+        ``last_result`` in the state counts like the result event. So a controller killed
+        after the broker delivered an event, before it was written, still learns the result
+        when it re-reads the retained states on start.
+        """
+        ids = sorted(states)
+        for i in range(0, len(ids), 500):
+            q = (
+                select(m.RolloutDevice, m.Release.target_sha256, m.Release.bundle_id)
+                .join(m.Rollout, m.Rollout.id == m.RolloutDevice.rollout_id)
+                .join(m.Release, m.Release.bundle_id == m.Rollout.release_id)
+                .where(
+                    m.RolloutDevice.device_id.in_(ids[i : i + 500]),
+                    m.RolloutDevice.state.in_(_ACTIVE),
+                )
+            )
+            for rd, target, bundle_id in s.execute(q).all():
+                state = states[rd.device_id]
+                outcome = None
+                last = state.get("last_result")
+                if isinstance(last, Mapping) and last.get("bundle_id") == bundle_id:
+                    outcome = last.get("outcome")
+                elif rd.state == DS.COMMANDED.value and _active_digest(state) == target:
+                    outcome = "committed"
+                if isinstance(outcome, str):
+                    new = next_state(DS(rd.state), outcome)
+                    if new is not None:
+                        rd.state, rd.updated_at = new.value, now
+                        if new is DS.FAILED:
+                            code = last.get("code") if isinstance(last, Mapping) else None
+                            rd.error = code[:200] if isinstance(code, str) else outcome[:200]
 
     @staticmethod
     def _event(

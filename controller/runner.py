@@ -99,6 +99,9 @@ def run(
     broker_url: str | None,
     tick: float,
     max_upload: int,
+    trust_file: Path | None = None,
+    command_key: Path | None = None,
+    client_id: str = "slotline-controller",
 ) -> int:
     """Run until interrupted; returns the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -109,10 +112,15 @@ def run(
         max_upload_bytes=max_upload,
     )
     service = ControllerService(config)
+    if trust_file is not None and command_key is not None:
+        from firmware_bundles.keys import read_key_file  # noqa: PLC0415
+
+        key, _role = read_key_file(command_key)
+        service.releases.provision(trust_file.read_bytes(), key)
     _write_admin_token(service, data_dir)
     gateway = None
     if broker_url:
-        gateway = GatewayThread(broker_url, service, f"controller-{os.getpid()}")
+        gateway = GatewayThread(broker_url, service, client_id)
         gateway.start()
         service.gateway = gateway
     # Commands decided before a crash but not handed over yet go out first.

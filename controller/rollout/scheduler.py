@@ -316,7 +316,8 @@ class Scheduler:
                     )
                     g.failures_acknowledged = int(failed or 0)
             ro.state = to
-            ro.reason = f"{verb} by {actor.name}"
+            done = {"start": "started", "pause": "paused", "resume": "resumed"}[verb]
+            ro.reason = f"{done} by {actor.name}"
             self._decide(s, rollout_id, now, actor.name, verb)
             self.svc.audit(s, actor, f"rollout.{verb}", str(rollout_id))
         return self.status(rollout_id)
