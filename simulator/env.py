@@ -38,6 +38,14 @@ def parse_broker_url(url: str) -> tuple[str, int]:
     return p.hostname, p.port or 1883
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
 def wait_tcp(host: str, port: int, timeout: float, what: str) -> None:
     """Connect to ``host:port`` within ``timeout`` seconds or raise ``Unreachable``."""
     deadline = time.monotonic() + timeout
@@ -152,6 +160,12 @@ class Controller:
         except Exception as e:
             raise Unreachable(f"the controller database {_redact(self.database_url)} "
                               f"could not be opened: {e}") from e
+        if not service.has_admin():
+            # As the real service does on first start: an admin token for the operator.
+            token = service.bootstrap_admin_token()
+            path = self.data_dir / "admin.token"
+            path.write_text(token + "\n", encoding="utf-8")
+            path.chmod(0o600)
         loop = asyncio.new_event_loop()
         ready: dict[str, Any] = {}
         started = threading.Event()
@@ -198,8 +212,32 @@ class Controller:
                               f"within {self.connect_timeout:g} s ({why})")
         self._handle = ControllerHandle(service, gateway, loop, thread)
 
+    def serve_api(self, port: int, host: str = "127.0.0.1") -> str:
+        """Serve the controller's HTTP API (OpenAPI at /docs) on a thread; returns its URL."""
+        import uvicorn  # noqa: PLC0415
+
+        from controller.api.app import create_app  # noqa: PLC0415
+
+        config = uvicorn.Config(create_app(self.service), host=host, port=port,
+                                log_level="error", lifespan="off")
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, name="sim-api", daemon=True)
+        thread.start()
+        self._api = (server, thread)
+        wait_tcp(host, port, self.connect_timeout, "the controller API")
+        return f"http://{host}:{port}"
+
+    def stop_api(self) -> None:
+        """Stop the HTTP API if it runs."""
+        api = getattr(self, "_api", None)
+        if api is not None:
+            api[0].should_exit = True
+            api[1].join(5)
+            self._api = None
+
     def stop(self) -> None:
-        """Stop the scheduler and the gateway, close the database."""
+        """Stop the API, the scheduler and the gateway, close the database."""
+        self.stop_api()
         if self._handle is None:
             return
         self._stop.set()

@@ -86,7 +86,8 @@ class Link:
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)  # noqa: S311 - seeded model, not security
-        self._busy_until = 0.0  # when the wire is free for the next message (upstream+down share)
+        # When the wire is free for the next message; time may start negative (before the rollout).
+        self._busy_until = float("-inf")
         self._outages = tuple(sorted(self.profile.outages, key=lambda w: w.start))
         self._relay: dict[Hashable, float] = {}  # chunk key -> when the relay holds it
 

@@ -38,6 +38,7 @@ class LinkedTransport:
         self.inner = inner
         self.link = link
         self._elapsed = elapsed
+        self._started = False
 
     async def _wait_until(self, t: float) -> None:
         delay = t - self._elapsed()
@@ -58,12 +59,16 @@ class LinkedTransport:
         raise TransferError("link never came back")
 
     async def start(self) -> None:
-        """Connect the inner transport once the link is up."""
+        """Connect the inner transport once the link is up (idempotent)."""
+        if self._started:
+            return
+        self._started = True
         await self._wait_until(self.link.next_up(self._elapsed()))
         await self.inner.start()
 
     async def stop(self) -> None:
         """Disconnect the inner transport."""
+        self._started = False
         await self.inner.stop()
 
     async def commands(self) -> AsyncIterator[bytes]:

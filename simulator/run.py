@@ -24,6 +24,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,8 @@ class RunOptions:
     report_path: Path | None = None
     connect_timeout: float = 5.0
     progress: bool = True
-    serve_api: bool = False  # keep an HTTP API up during the run (the demo's dashboard link)
+    api_port: int | None = None  # serve the controller's HTTP API on this port during the run
+    narrate: Callable[[str, str], None] | None = None  # (step, detail) as the run goes
 
 
 @dataclass
@@ -92,8 +94,12 @@ def run_and_report(scenario: Scenario, options: RunOptions) -> bool:
 
 
 def run(scenario: Scenario, options: RunOptions, *, console: Any = None,
-        on_ready: Any = None) -> tuple[report.RunResult, list[report.Check], Path]:
+        on_ready: Any = None,
+        keep_running: bool = False) -> tuple[report.RunResult, list[report.Check], Path]:
     """Run ``scenario``; returns the result, the checks and the report path.
+
+    With ``keep_running`` the controller (and its API) stays up; ``on_ready`` received it and
+    the caller stops it.
 
     Raises:
         Unreachable: the broker or the controller did not answer in time.
@@ -101,12 +107,14 @@ def run(scenario: Scenario, options: RunOptions, *, console: Any = None,
     """
     own_dir = options.work_dir is None
     work = Path(tempfile.mkdtemp(prefix="slotline-sim-")) if own_dir else Path(options.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
+    _fresh_work_dir(work)
     report_path = options.report_path or work / "report.json"
     if own_dir and options.report_path is None:
         report_path = Path.cwd() / f"slotline-sim-{scenario.meta.name}.json"
     started = time.monotonic()
+    say = options.narrate or (lambda _step, _detail: None)
     broker = Broker(options.broker_url, work, options.connect_timeout)
+    say("broker", f"{broker.kind} at {broker.url}")
     controller: Controller | None = None
     workers: list[Any] = []
     stop = mp.get_context("spawn").Event()
@@ -117,21 +125,32 @@ def run(scenario: Scenario, options: RunOptions, *, console: Any = None,
         db = options.database_url or f"sqlite:///{work / 'controller.db'}"
         controller = Controller(db, work / "controller", broker.url,
                                 connect_timeout=options.connect_timeout)
+        api = controller.serve_api(options.api_port) if options.api_port else None
+        say("controller", f"{_redacted(db)}" + (f", API {api}/docs" if api else ""))
         from simulator import firmware  # noqa: PLC0415 - heavy (crypto, codec)
 
         fw = firmware.prepare(scenario, work / "firmware", controller)
+        say("firmware", f"{scenario.firmware.from_version} -> {scenario.firmware.to_version}: "
+            f"{scenario.firmware.image_size // 1024} KiB images, {scenario.firmware.payload} "
+            f"bundle of {fw.bundle_bytes // 1024} KiB, signed and uploaded "
+            f"({fw.build_seconds:.1f} s)")
         specs = plan.fleet_specs(scenario)
+        t_enroll = time.monotonic()
         firmware.register_fleet(scenario, specs, controller)
+        say("fleet", f"{len(specs)} devices enrolled at {len(scenario.sites)} sites "
+            f"({time.monotonic() - t_enroll:.1f} s)")
         result = _drive(scenario, options, work, broker, controller, fw, specs, workers, stop,
                         console, on_ready)
         result.wall_seconds = time.monotonic() - started
+        if api:
+            result.endpoints["api"] = f"{api}/docs"
     finally:
         stop.set()
         for w in workers:
             w.join(10)
             if w.is_alive():
                 w.kill()
-        if controller is not None:
+        if controller is not None and not keep_running:
             controller.stop()
         broker.stop()
         if own_dir:
@@ -177,6 +196,9 @@ def _drive(  # noqa: PLR0917 - one call site, the steps of run()
                            + (live.errors[0] if live.errors else "no message"))
         if time.monotonic() > deadline:
             raise SimError("devices did not all come up in time")
+    (options.narrate or (lambda _s, _d: None))(
+        "devices", f"{len(specs)} virtual devices booted and connected "
+        f"in {len(workers)} worker process{'es' if len(workers) > 1 else ''}")
     if on_ready is not None:
         on_ready(controller)
     # Devices are up and connected: start the clock the links and faults run on.
@@ -252,6 +274,23 @@ def _drive(  # noqa: PLR0917 - one call site, the steps of run()
         notes=[f"controller restarts: {controller.restarts}",
                f"controller tick errors: {controller.tick_errors}"],
     )
+
+
+MARKER = ".slotline-sim"
+
+
+def _fresh_work_dir(work: Path) -> None:
+    """An empty work dir; one a previous run left (it has our marker) is emptied first."""
+    if work.exists() and any(work.iterdir()):
+        if not (work / MARKER).exists():
+            raise SimError(f"work dir {work} is not empty and was not made by a previous run")
+        for child in work.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    work.mkdir(parents=True, exist_ok=True)
+    (work / MARKER).write_text("made by slotline sim; emptied by the next run\n")
 
 
 def _redacted(url: str) -> str:

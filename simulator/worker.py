@@ -265,6 +265,9 @@ class VirtualDevice:
             selftest=self._selftest(version, transport),
         )
         self.agent, self.transport = agent, transport
+        # Connect before the agent reconciles: a trial boot's self-test checks the controller,
+        # and the runtime starts its transport only after that reconciliation.
+        await transport.start()
         task = asyncio.ensure_future(agent.run())
         try:
             while not task.done():

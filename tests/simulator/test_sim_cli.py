@@ -39,7 +39,8 @@ def test_shipped_scenarios_check_and_list() -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("ok: ") == 3
     listed = _sim("list")
-    assert "power_cut" in listed.stdout and "demo" in listed.stdout
+    assert "power_cut" in listed.stdout
+    assert "demo" in listed.stdout
 
 
 def test_unreachable_broker_fails_within_seconds() -> None:
