@@ -12,6 +12,10 @@ import time
 import httpx
 import pytest
 
+from firmware_bundles.bundle import build_bundle
+from firmware_bundles.keyring import generate_keyset
+from firmware_bundles.trust import Role
+
 
 def free_port():
     with socket.socket() as s:
@@ -81,12 +85,6 @@ def server(tmp_path, fleet_files):
 
 @pytest.fixture
 def fleet_files(tmp_path, clock):
-    import glob
-
-    from firmware_bundles.bundle import build_bundle
-    from firmware_bundles.keyring import generate_keyset
-    from firmware_bundles.trust import Role
-
     keys = generate_keyset(tmp_path / "keys", now=int(time.time()) - 60)
     img = tmp_path / "v2.img"
     img.write_bytes(os.urandom(100_000))
@@ -103,7 +101,7 @@ def fleet_files(tmp_path, clock):
     big.write_bytes(b"\0" * (3 * 1024 * 1024))
     return {
         "trust": tmp_path / "keys" / "trust.json",
-        "command_key": glob.glob(str(tmp_path / "keys" / "command-*.key"))[0],
+        "command_key": next((tmp_path / "keys").glob("command-*.key")),
         "slb": slb,
         "big": big,
     }
