@@ -117,7 +117,7 @@ class SlbReader:
         left = n
         while left > 0:
             try:
-                piece = self._stream.read(min(left, 1 << 20))
+                piece = self._stream.read(left)  # left is bounded by a signed size
             except OSError as e:
                 raise TransferError(f"reading {what}: {e}") from e
             if not piece:
