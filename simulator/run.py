@@ -107,6 +107,7 @@ def run(scenario: Scenario, options: RunOptions, *, console: Any = None,
     """
     own_dir = options.work_dir is None
     work = Path(tempfile.mkdtemp(prefix="slotline-sim-")) if own_dir else Path(options.work_dir)
+    work = work.resolve()
     _fresh_work_dir(work)
     report_path = options.report_path or work / "report.json"
     if own_dir and options.report_path is None:
