@@ -261,6 +261,16 @@ class OpenBundle:
         self.close()
 
 
+def _open_source(source: Path | BinaryIO) -> tuple[BinaryIO, bool]:
+    """The stream to read and whether we opened it (and so must close it)."""
+    if not isinstance(source, str | Path):
+        return source, False
+    try:
+        return Path(source).open("rb"), True
+    except OSError as e:
+        raise TransferError(f"cannot open bundle: {e}") from e
+
+
 def open_bundle(
     source: Path | BinaryIO,
     trust: TrustStore,
@@ -275,11 +285,7 @@ def open_bundle(
         BundleRejected subclasses: bad container or any ``verify_release`` refusal.
         TransferError: the source could not be read.
     """
-    owned = isinstance(source, str | Path)
-    try:
-        stream: BinaryIO = Path(source).open("rb") if owned else source  # type: ignore[arg-type]  # noqa: SIM115
-    except OSError as e:
-        raise TransferError(f"cannot open bundle: {e}") from e
+    stream, owned = _open_source(source)
     try:
         reader = SlbReader(stream)
         header = reader.read_header()
@@ -585,8 +591,7 @@ def inspect_bundle(source: Path | BinaryIO) -> dict[str, Any]:
     Raises:
         BundleRejected: the header does not parse.
     """
-    owned = isinstance(source, str | Path)
-    stream: BinaryIO = Path(source).open("rb") if owned else source  # type: ignore[arg-type]  # noqa: SIM115
+    stream, owned = _open_source(source)
     try:
         header = SlbReader(stream).read_header()
     finally:

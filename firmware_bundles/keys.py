@@ -140,7 +140,7 @@ def read_key_file(path: Path) -> tuple[SigningKey, str]:
     if not isinstance(doc, dict) or doc.get("keytype") != KEYTYPE:
         raise FormatInvalid(f"{path.name} is not an ed25519 key file")
     private, role = doc.get("private"), doc.get("role")
-    if not is_hex_digest(private) or not isinstance(role, str):
+    if not isinstance(private, str) or not is_hex_digest(private) or not isinstance(role, str):
         raise FormatInvalid(f"{path.name} has no valid private key and role")
     return SigningKey.from_seed(bytes.fromhex(private)), role
 
