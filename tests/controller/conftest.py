@@ -152,3 +152,9 @@ class Fleet:
 @pytest.fixture
 def fleet(svc, tmp_path, clock):
     return Fleet(svc, tmp_path, clock)
+
+
+@pytest.fixture
+def fleet_cls():
+    """The Fleet helper class, for tests that build their own service."""
+    return Fleet
