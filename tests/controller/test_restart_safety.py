@@ -223,7 +223,7 @@ def test_killed_controller_continues_rollout_without_commanding_any_device_twice
                 done = c.execute(
                     select(m.RolloutDevice.state).where(m.RolloutDevice.state == "succeeded")
                 ).all()
-            print(f"kill {kills}: rollout {state}, {len(done)} devices updated")  # noqa: T201
+            print(f"kill {kills}: rollout {state}, {len(done)} devices updated")
             if state == "finished":
                 break
         port = _free_port()
