@@ -115,6 +115,8 @@ class MqttTransport:
         self._pings: dict[str, asyncio.Future[None]] = {}
         self._reconnected = asyncio.Event()
         self._session_lost = False
+        self._rtt = 0.0
+        self._sent_at: dict[int, float] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -324,12 +326,15 @@ class MqttTransport:
                 outstanding[index] = now + self.request_timeout
             for start in range(0, len(expired), wire.MAX_FETCH_INDICES):
                 self._request(bundle_id, expired[start : start + wire.MAX_FETCH_INDICES])
-        if self._bucket.delay(now, self.clock.now()) > 0:
+        # Ask one round trip early: the chunk is charged when it arrives, which is when the
+        # bucket gets out of debt. Without this the link idles one round trip per request.
+        if self._bucket.delay(now, self.clock.now()) > self._rtt:
             return
         fresh: list[int] = []
         while queue and len(outstanding) < self.window:
             index = queue.pop()
             outstanding[index] = now + self.request_timeout
+            self._sent_at[index] = now
             fresh.append(index)
         if fresh:
             self._request(bundle_id, fresh)
@@ -338,7 +343,7 @@ class MqttTransport:
         if not connected:
             return 0.5
         wake = min((d - now for d in outstanding.values()), default=self.request_timeout)
-        throttle = self._bucket.delay(now, self.clock.now())
+        throttle = self._bucket.delay(now, self.clock.now()) - self._rtt
         if throttle > 0:
             wake = min(wake, throttle) if outstanding else throttle
         return max(0.001, wake)
@@ -363,6 +368,11 @@ class MqttTransport:
             self.stats.drops.drop("transfer.duplicate")
             return None
         wanted.discard(frame.index)
+        sent = self._sent_at.pop(frame.index, None)
+        if sent is not None:
+            # EWMA of request -> arrival time, capped so a stall cannot unthrottle the device.
+            sample = min(self.clock.monotonic() - sent, 2.0)
+            self._rtt = 0.8 * self._rtt + 0.2 * sample
         outstanding.pop(frame.index, None)
         self.stats.chunks += 1
         self.stats.chunk_bytes += len(frame.data)

@@ -44,6 +44,7 @@ from paho.mqtt.properties import Properties
 
 log = logging.getLogger(__name__)
 
+_RETAINED_ONLY_ID = 1_000_001
 MessageHandler = Callable[[str, bytes, bool], None]  # topic, payload, retained
 ConnectHandler = Callable[[bool], None]  # session_present
 
@@ -205,6 +206,7 @@ class AsyncMqttClient:
         client.max_queued_messages_set(0)
         client.suppress_exceptions = True
         client.reconnect_delay_set(1, 1)
+        client.connect_timeout = s.connect_timeout
         if s.tls is not None:
             ctx = s.tls.context()
             ctx.check_hostname = s.tls_hostname_check
@@ -321,7 +323,6 @@ class AsyncMqttClient:
         s = self.settings
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = s.session_expiry
-        self._client.connect_timeout = s.connect_timeout
         rc = self._client.connect(
             s.host, s.port, keepalive=s.keepalive, clean_start=s.clean_start, properties=props
         )
@@ -428,7 +429,7 @@ class AsyncMqttClient:
     def _paho_connect(self, _c: paho.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
             self.stats.last_error = f"CONNACK {reason}"
-            self._link_lost(str(reason))
+            self._defer_lost(str(reason))
             return
         self.stats.connects += 1
         self._connected.set()
@@ -436,10 +437,19 @@ class AsyncMqttClient:
             self._on_connect(bool(flags.session_present))
 
     def _paho_disconnect(self, _c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
-        self._link_lost(f"disconnected: {reason}")
+        self._defer_lost(f"disconnected: {reason}")
+
+    def _defer_lost(self, reason: str) -> None:
+        # paho holds its (non-reentrant) callback lock here; closing the socket now would take
+        # it again and deadlock, so finish on the next loop iteration.
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._link_lost, reason)
 
     def _paho_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
         self.stats.received += 1
+        sub_ids = getattr(msg.properties, "SubscriptionIdentifier", None) or []
+        if _RETAINED_ONLY_ID in sub_ids and not msg.retain:
+            return  # the live copy comes through the regular subscription
         if self._on_message is not None:
             try:
                 self._on_message(msg.topic, bytes(msg.payload), bool(msg.retain))
@@ -490,16 +500,25 @@ class AsyncMqttClient:
             self._pub_waiters[info.mid] = fut
         return fut
 
-    async def subscribe(self, filters: list[tuple[str, int]]) -> list[int]:
+    async def subscribe(
+        self, filters: list[tuple[str, int]], *, retained_only: bool = False
+    ) -> list[int]:
         """Subscribe and wait for the SUBACK reason codes (granted QoS or >= 128 refused).
 
         A v5 SUBACK may grant a filter the ACL then never delivers on (Mosquitto 2.0):
-        denial is observable only by delivery.
+        denial is observable only by delivery. ``retained_only`` tags the subscription with a
+        subscription identifier and passes on only the retained messages it brings (reading the
+        retained state once beside shared subscriptions, which get none, without live
+        duplicates).
         """
         if self._loop is None:
             raise RuntimeError("subscribe before start()")
         fut: asyncio.Future[list[int]] = self._loop.create_future()
-        rc, mid = self._client.subscribe(filters)
+        props = None
+        if retained_only:
+            props = Properties(PacketTypes.SUBSCRIBE)
+            props.SubscriptionIdentifier = _RETAINED_ONLY_ID
+        rc, mid = self._client.subscribe(filters, properties=props)
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             raise ConnectionError(paho.error_string(rc))
         self._sub_waiters[mid] = fut

@@ -134,10 +134,10 @@ class MqttGateway:
                 wire.device_filter(wire.Channel.STATE),
                 wire.device_filter(wire.Channel.ONLINE),
             ]
-            await self.client.subscribe([(f, 1) for f in plain])
-            # Retained messages arrive right after the SUBACK; then stop the plain copy so live
-            # traffic is not delivered twice.
-            await asyncio.sleep(1.0)
+            await self.client.subscribe([(f, 1) for f in plain], retained_only=True)
+            # Retained messages arrive right after the SUBACK; the plain subscription's live
+            # copies are dropped by the client meanwhile. Then stop it.
+            await asyncio.sleep(2.0)
             self.client.paho.unsubscribe(plain)
 
     # ------------------------------------------------------------------ outbound
