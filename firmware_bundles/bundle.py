@@ -46,6 +46,7 @@ from firmware_bundles.errors import (
 from firmware_bundles.keys import Envelope, SigningKey, sign_envelope
 from firmware_bundles.manifest import (
     CODEC_ID,
+    MAX_CHUNK_SIZE,
     ChunkEntry,
     ImageRef,
     Manifest,
@@ -57,6 +58,9 @@ from firmware_bundles.slb import MAX_MANIFEST, SlbReader, check_chunk, encode_he
 from firmware_bundles.trust import Role, TrustStore
 
 HASH_BUFFER = 1 << 20
+# Output bytes per chunk when building. An incompressible chunk is stored with a few bytes of
+# framing, so 64 KiB below the 4 MiB transfer cap (manifest.MAX_CHUNK_SIZE) always fits.
+DEFAULT_CHUNK_OUT = (4 << 20) - (64 << 10)
 DEFAULT_EXPIRES_DAYS = 365
 
 
@@ -461,15 +465,20 @@ def encode_payload(
     """
     from firmware_bundles import delta  # noqa: PLC0415 - the codec loads numpy
 
-    kwargs = {} if chunk_out_size is None else {"chunk_out_size": chunk_out_size}
+    out_size = chunk_out_size or DEFAULT_CHUNK_OUT
     base_ref = None
     if base is None:
-        encoded = delta.encode_full(Path(new), **kwargs)
+        encoded = delta.encode_full(Path(new), chunk_out_size=out_size)
     else:
         base_ref = hash_file(base)
-        encoded = delta.encode_delta(Path(base), Path(new), **kwargs)
+        encoded = delta.encode_delta(Path(base), Path(new), chunk_out_size=out_size)
     entries = []
     for chunk in encoded:
+        if len(chunk.data) > MAX_CHUNK_SIZE:
+            raise FormatInvalid(
+                f"chunk {len(entries)} is {len(chunk.data)} bytes, over the {MAX_CHUNK_SIZE}-byte "
+                "transfer cap: use a smaller chunk_out_size"
+            )
         entries.append(
             ChunkEntry(
                 size=len(chunk.data),

@@ -34,13 +34,15 @@ from typing import Any
 
 from firmware_bundles.errors import FormatInvalid, SchemaUnsupported
 from firmware_bundles.keys import is_hex_digest
+from firmware_bundles.protocol import MAX_CHUNK_DATA
 
 MANIFEST_SCHEMA = 1
 CODEC_ID = "slotline-chunk-1"
 MAX_IMAGE_SIZE = 1 << 40  # 1 TiB
 MAX_CHUNK_OUT = 16 << 20  # the codec's own cap on one chunk's output
-# A chunk may be slightly larger than its output when the data does not compress.
-MAX_CHUNK_SIZE = MAX_CHUNK_OUT + (1 << 20)
+# A chunk is the unit of transfer: every chunk a manifest signs must fit one MQTT chunk frame,
+# or a release could be valid yet undeliverable.
+MAX_CHUNK_SIZE = MAX_CHUNK_DATA
 MAX_CHUNKS = 1 << 20
 MAX_HARDWARE = 64
 MAX_REQUIRES = 64

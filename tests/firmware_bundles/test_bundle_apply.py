@@ -35,7 +35,8 @@ from firmware_bundles.errors import (
     VersionRollback,
 )
 from firmware_bundles.keys import SigningKey, sign_envelope
-from firmware_bundles.manifest import ImageRef
+from firmware_bundles.manifest import MAX_CHUNK_SIZE, ImageRef
+from firmware_bundles.protocol import MAX_CHUNK_DATA
 from firmware_bundles.slb import MAGIC, MAX_MANIFEST
 from firmware_bundles.trust import Role
 
@@ -340,3 +341,14 @@ def test_any_single_bit_flip_is_refused_by_verify_and_apply(small_bundle, bit):
         apply_bundle(bad, kit.old, out, kit.trust, now=NOW)
     assert not out.exists()
     assert not [p for p in kit.tmp.iterdir() if p.name.startswith(".flip.img")]
+
+
+
+def test_incompressible_image_builds_chunks_that_fit_the_transfer_cap(kit):
+    # Random data does not compress: each chunk is its output plus framing, and must still fit
+    # one MQTT chunk frame (a valid release that cannot be delivered would be a trap).
+    kit.new.write_bytes(os.urandom((4 << 20) + 1024))
+    slb = kit.build("r.slb", full=True, chunk_out_size=None)
+    release = verify_bundle(slb, kit.trust, now=NOW)
+    assert len(release.payload.chunks) == 2
+    assert max(c.size for c in release.payload.chunks) <= MAX_CHUNK_SIZE == MAX_CHUNK_DATA
