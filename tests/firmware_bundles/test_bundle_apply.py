@@ -31,6 +31,7 @@ from firmware_bundles.errors import (
     SchemaUnsupported,
     SignatureInvalid,
     SizeExceeded,
+    TransferError,
     Truncated,
     VersionRollback,
 )
@@ -352,3 +353,11 @@ def test_incompressible_image_builds_chunks_that_fit_the_transfer_cap(kit):
     release = verify_bundle(slb, kit.trust, now=NOW)
     assert len(release.payload.chunks) == 2
     assert max(c.size for c in release.payload.chunks) <= MAX_CHUNK_SIZE == MAX_CHUNK_DATA
+
+
+def test_unwritable_output_is_transfer_error_not_a_refusal(kit):
+    slb = kit.build()
+    with pytest.raises(TransferError) as exc:
+        _apply(kit, slb, out=kit.tmp / "no-such-dir" / "out.img")
+    assert exc.value.code == "transfer.error"
+    assert not isinstance(exc.value, BundleRejected)

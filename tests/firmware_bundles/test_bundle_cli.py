@@ -138,3 +138,11 @@ def test_the_slotline_entry_point_runs_the_group(work):
                           check=False, timeout=60)
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: bundle.format_invalid: ")
+
+
+def test_io_failure_exits_3(run, work):
+    _build(run, work)
+    result = run("apply", work / "d.slb", "--base", work / "old.img", "--out",
+                 work / "missing-dir" / "out.img", "--trust", work / "keys" / "trust.json")
+    assert result.exit_code == 3
+    assert result.stderr.startswith("error: transfer.error: ")
