@@ -167,6 +167,8 @@ class AgentConfig:
 class MemorySource:
     """Chunks held in memory (tests, simulator)."""
 
+    retryable = True
+
     def __init__(self, chunks: Sequence[bytes]) -> None:
         self._chunks = list(chunks)
 
@@ -496,6 +498,14 @@ class Agent:
             with contextlib.suppress(Exception):
                 await chunks.aclose()  # type: ignore[attr-defined]
             if self._reboot_requested:
+                return
+            if (
+                isinstance(failed, FetchFailed)
+                and not getattr(self._source, "retryable", True)
+                and self.state.phase is Phase.DOWNLOADING
+            ):
+                # A local file gives the same bytes again: no point retrying.
+                await self._feed(WriteFailed(failed.code, failed.message))
                 return
             if failed is not None and self.state.phase is Phase.DOWNLOADING:
                 await self._sleep(delay)

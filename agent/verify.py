@@ -79,7 +79,10 @@ class SlbSource:
     """Chunks of an opened (header-verified) ``.slb``, read in a worker thread one at a time.
 
     The file is a stream: resuming at chunk k reads (and checks) the chunks before it again.
+    A local file gives the same bytes on a retry, so its failures end the update at once.
     """
+
+    retryable = False
 
     def __init__(self, path: Path, bundle: OpenBundle | None = None, *, trust: TrustStore | None = None,
                  now: int = 0, hardware: str | None = None) -> None:

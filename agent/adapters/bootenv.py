@@ -194,11 +194,14 @@ class FwEnv:
         except (OSError, subprocess.TimeoutExpired) as e:
             raise BootEnvError(f"{what}: {e}") from e
         if done.returncode != 0:
+            if "Cannot read environment" in done.stderr:
+                # libubootenv: neither copy has a valid CRC (rc 243)
+                raise BootEnvCorrupt(f"{what}: no valid env copy: {done.stderr.strip()}")
             raise BootEnvError(f"{what}: rc {done.returncode}: {done.stderr.strip()}")
         return done.stdout
 
     def read(self) -> Mapping[str, str]:
-        """All variables (``fw_printenv``)."""
+        """All variables (``fw_printenv``); :class:`BootEnvCorrupt` when no copy is valid."""
         argv = ["fw_printenv", "-c", self.config]
         out = self._run(argv, "fw_printenv")
         env: dict[str, str] = {}

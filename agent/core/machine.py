@@ -85,7 +85,7 @@ from firmware_bundles.errors import BaseMismatch, FormatInvalid, VersionRollback
 
 # A chunk source that keeps failing (corrupt chunks, lost link) ends the update after this many
 # failures without a checkpoint in between.
-MAX_FETCH_FAILURES = 8
+MAX_FETCH_FAILURES = 12
 DEFAULT_CHECKPOINT_BYTES = 8 * 1024 * 1024
 
 Outcome = tuple[AgentState, list[Command]]
