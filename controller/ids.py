@@ -48,6 +48,21 @@ def check_device_id(value: str) -> str:
     return value
 
 
+def check_bundle_id(value: str) -> str:
+    """Return ``value`` if it is a bundle id the wire protocol accepts.
+
+    Raises:
+        InvalidInput: otherwise.
+    """
+    from firmware_bundles.errors import BundleError  # noqa: PLC0415
+    from firmware_bundles.protocol import check_bundle_id as wire_check  # noqa: PLC0415
+
+    try:
+        return wire_check(value)
+    except BundleError:
+        raise InvalidInput(f"bundle id {value!r:.80} is not a valid bundle id") from None
+
+
 def is_id(value: str) -> bool:
     """Whether ``value`` passes ``check_id``."""
     return isinstance(value, str) and _ID.fullmatch(value) is not None

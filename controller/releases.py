@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session
 
 from controller.db import models as m
 from controller.errors import Conflict, ControllerError, NotFound, ReleaseRejected
+from controller.ids import check_bundle_id
 from firmware_bundles.chunkstore import ChunkStore
 from firmware_bundles.errors import BundleError, DigestMismatch
 from firmware_bundles.slb import SlbReader
@@ -253,6 +254,7 @@ class ReleaseStore:
 
     def show(self, bundle_id: str) -> dict[str, Any]:
         """One release with its payloads."""
+        check_bundle_id(bundle_id)
         with self.svc.sessions() as s:
             r = s.get(m.Release, bundle_id)
             if r is None:

@@ -33,6 +33,7 @@ from controller.auth import Perm, Role
 from controller.errors import ControllerError, InvalidInput, TooLarge
 from controller.rollout.scheduler import PhaseSpec, gate_from_json
 from controller.service import ControllerService, Principal
+from firmware_bundles.errors import BundleError
 
 API = "/api/v1"
 
@@ -72,13 +73,10 @@ def create_app(service: ControllerService) -> Any:
     async def _deep(_r: Request, _e: RecursionError) -> JSONResponse:
         return _error(400, "controller.invalid_input", "JSON nested too deeply")
 
-    @app.exception_handler(Exception)
-    async def _bundle_or_bug(_r: Request, e: Exception) -> JSONResponse:
-        from firmware_bundles.errors import BundleError  # noqa: PLC0415
-
-        if isinstance(e, BundleError):
-            return _error(422, e.code, str(e))
-        raise e
+    @app.exception_handler(BundleError)
+    async def _bundle(_r: Request, e: BundleError) -> JSONResponse:
+        # An uploaded bundle that does not verify: the bundle library's code, verbatim.
+        return _error(422, e.code, str(e))
 
     # ------------------------------------------------------------------ health, enrollment
 

@@ -90,6 +90,10 @@ class Guard:
                 if principal.role not in ALLOWED[perm]:
                     raise Forbidden(f"role {principal.role.value} may not {perm.value}")
                 scope.setdefault("state", {})["principal"] = principal
+            if name not in UPLOAD_ROUTES:
+                # JSON bodies are small: read them here, bounded, so an oversized chunked body
+                # gets its 413 instead of a parse error further in.
+                receive = await _buffered(receive, cap)
         except ControllerError as e:
             await send_error(send, e)
             return
@@ -108,6 +112,34 @@ class Guard:
         from starlette.concurrency import run_in_threadpool  # noqa: PLC0415
 
         return await run_in_threadpool(self.service.authenticate, token.strip())
+
+
+async def _buffered(receive: Receive, cap: int) -> Receive:
+    """Read the whole request body (at most ``cap`` bytes) and replay it to the app."""
+    parts: list[bytes] = []
+    size = 0
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        piece = message.get("body", b"")
+        size += len(piece)
+        if size > cap:
+            raise TooLarge(f"request body larger than {cap} bytes")
+        parts.append(piece)
+        more = bool(message.get("more_body"))
+    body = b"".join(parts)
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 def _capped(receive: Receive, cap: int) -> Receive:

@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 
 from controller.db import models as m
 from controller.errors import Conflict, InvalidInput, NotFound, RequirementsUnmet, RolloutError
-from controller.ids import check_device_id, check_id
+from controller.ids import check_bundle_id, check_device_id, check_id
 from controller.rollout import planner as p
 from controller.rollout.states import DS
 from controller.rollout.targeting import split_phases, unmet, window_open
@@ -127,6 +127,7 @@ class Scheduler:
             RolloutError: no device to update.
         """
         check_id(name, "rollout name")
+        check_bundle_id(release_id)
         for x in (*hardware_models, *tags, *sites):
             check_id(x, "target filter")
         for d in trial_devices:
