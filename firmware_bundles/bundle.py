@@ -437,6 +437,7 @@ def _write_atomically(
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
+            os.fchmod(out.fileno(), 0o644)  # mkstemp makes 0600; an image is not secret
             apply_chunks(release, chunks, base, out.write)
             out.flush()
             os.fsync(out.fileno())
@@ -550,6 +551,7 @@ def build_bundle(
             ofd, out_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
             try:
                 with os.fdopen(ofd, "wb") as f:
+                    os.fchmod(f.fileno(), 0o644)  # mkstemp makes 0600; a bundle is not secret
                     f.write(header)
                     shutil.copyfileobj(spool_file, f, 1 << 20)
                     f.flush()
