@@ -309,9 +309,9 @@ def test_chunk_table_not_matching_target_size_is_refused_at_signing_time(kit):
 # ------------------------------------------------------------------------------ bit flips
 
 
-@pytest.fixture
-def small_bundle(kit):
-    slb = kit.build("small.slb", chunk_out_size=32 * 1024)
+@pytest.fixture(params=["delta", "full"])
+def small_bundle(kit, request):
+    slb = kit.build("small.slb", chunk_out_size=32 * 1024, full=request.param == "full")
     return kit, slb, slb.read_bytes()
 
 
