@@ -473,7 +473,7 @@ def encode_payload(
     else:
         base_ref = hash_file(base)
         encoded = delta.encode_delta(Path(base), Path(new), chunk_out_size=out_size)
-    entries = []
+    entries: list[ChunkEntry] = []
     for chunk in encoded:
         if len(chunk.data) > MAX_CHUNK_SIZE:
             raise FormatInvalid(
