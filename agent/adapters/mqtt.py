@@ -75,6 +75,7 @@ class TransportStats:
 @dataclass
 class _Fetch:
     bundle_id: str
+    wanted: set[int]
     frames: asyncio.Queue[wire.ChunkFrame] = field(default_factory=asyncio.Queue)
 
 
@@ -111,7 +112,7 @@ class MqttTransport:
         )
         self._commands: asyncio.Queue[bytes] = asyncio.Queue()
         self._seen: OrderedDict[bytes, None] = OrderedDict()
-        self._fetches: dict[str, _Fetch] = {}
+        self._fetches: dict[str, list[_Fetch]] = {}
         self._pings: dict[str, asyncio.Future[None]] = {}
         self._reconnected = asyncio.Event()
         self._session_lost = False
@@ -200,13 +201,13 @@ class MqttTransport:
             if fut is not None and not fut.done():
                 fut.set_result(None)
             return
-        fetch = self._fetches.get(frame.bundle_id)
-        if fetch is None:
-            # Late redelivery for a finished transfer, or never requested.
-            self.stats.drops.drop("transfer.unrequested")
-            self.stats.duplicate_bytes += len(frame.data)
-            return
-        fetch.frames.put_nowait(frame)
+        for fetch in self._fetches.get(frame.bundle_id, ()):
+            if frame.index in fetch.wanted:
+                fetch.frames.put_nowait(frame)
+                return
+        # Late redelivery for a finished transfer, or never requested.
+        self.stats.drops.drop("transfer.unrequested")
+        self.stats.duplicate_bytes += len(frame.data)
 
     async def _commands_iter(self) -> AsyncIterator[bytes]:
         while True:
@@ -275,11 +276,9 @@ class MqttTransport:
         return self._fetch(bundle_id, list(dict.fromkeys(indices)))
 
     async def _fetch(self, bundle_id: str, todo: list[int]) -> AsyncIterator[tuple[int, bytes]]:
-        if bundle_id in self._fetches:
-            raise RuntimeError(f"a fetch of {bundle_id} is already running")
-        fetch = _Fetch(bundle_id)
-        self._fetches[bundle_id] = fetch
         wanted = set(todo)
+        fetch = _Fetch(bundle_id, wanted)
+        self._fetches.setdefault(bundle_id, []).append(fetch)
         queue = list(reversed(todo))  # pop() from the end: lowest indices first
         outstanding: dict[int, float] = {}  # index -> deadline (monotonic)
         down_since: float | None = None
@@ -314,7 +313,10 @@ class MqttTransport:
                 if result is not None:
                     yield result
         finally:
-            del self._fetches[bundle_id]
+            fetches = self._fetches[bundle_id]
+            fetches.remove(fetch)
+            if not fetches:
+                del self._fetches[bundle_id]
 
     def _request_more(
         self, bundle_id: str, queue: list[int], outstanding: dict[int, float], now: float

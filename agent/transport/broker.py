@@ -194,7 +194,7 @@ def render_packaging() -> dict[str, str]:
             keyfile=f"{etc}/site-broker.key",
             crlfile=f"{etc}/crl.pem",
         ),
-        acl_file=f"{etc}/acl",
+        acl_file=f"{etc}/site-acl",
         controllers=("relay-SITE",),
         persistence_dir="/var/lib/mosquitto",
         bridge_to=BridgeConfig(

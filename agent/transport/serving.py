@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from agent.ports import Clock
 from agent.transport.aioclient import AsyncMqttClient
 from firmware_bundles import protocol as wire
-from firmware_bundles.errors import BundleError
+from firmware_bundles.errors import BundleError, TransferError
 from firmware_bundles.throttle import SiteBudgets, TokenBucket
 
 log = logging.getLogger(__name__)
@@ -206,6 +206,11 @@ class ChunkServer:
         try:
             try:
                 data = await self.resolve(dev.device_id, bundle_id, index)
+            except TransferError as e:
+                # Temporarily unavailable (a relay's WAN is down): the device asks again.
+                frame = wire.ChunkFrame(bundle_id, index, wire.ChunkStatus.REFUSED, e.code.encode())
+                self.client.publish(topic, wire.encode_chunk(frame))
+                return
             except Exception:
                 log.exception("resolving chunk %s/%d failed", bundle_id, index)
                 data = None
