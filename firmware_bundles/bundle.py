@@ -19,6 +19,7 @@ Rules (design "Bundles and trust"):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -317,17 +318,49 @@ def verify_bundle(
     now: int,
     hardware: str | None = None,
     min_security_version: int = 0,
+    decode: bool = False,
+    base_path: Path | None = None,
 ) -> VerifiedRelease:
     """Verify a whole ``.slb``: envelopes, every chunk's size and digest, no trailing bytes.
 
-    Decoding (and the final image digest) needs the base for deltas: that is ``apply_bundle``.
+    With ``decode``, also decode every chunk (against ``base_path`` for a delta) and check the
+    image that would result against the signed target, writing nothing.
+
+    Raises:
+        BaseMismatch: ``decode`` on a delta without the exact base.
+        BundleRejected subclasses: see ``open_bundle`` and ``apply_chunks``.
     """
     with open_bundle(
         source, trust, now=now, hardware=hardware, min_security_version=min_security_version
     ) as bundle:
-        for _ in bundle.chunks():
-            pass
+        if not decode:
+            for _ in bundle.chunks():
+                pass
+            return bundle.release
+        with _checked_base(bundle.release.payload, base_path) as base:
+            apply_chunks(bundle.release, bundle.chunks(), base, lambda _piece: None)
         return bundle.release
+
+
+@contextlib.contextmanager
+def _checked_base(payload: Payload, base_path: Path | None) -> Iterator[Any]:
+    """A base reader for a delta payload, after checking the base digest; ``None`` for full."""
+    from firmware_bundles.delta import FileBaseReader  # noqa: PLC0415 - the codec loads numpy
+
+    if payload.kind is PayloadKind.FULL:
+        yield None
+        return
+    if base_path is None:
+        check_base(payload, None)
+    assert base_path is not None
+    try:
+        base_file = Path(base_path).open("rb")  # noqa: SIM115 - closed by the with below
+    except OSError as e:
+        raise BaseMismatch(f"cannot read base image: {e.strerror}") from e
+    with base_file:
+        # design: the base digest is checked before a single output byte is written
+        check_base(payload, hash_stream(base_file))
+        yield FileBaseReader(base_file)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -400,28 +433,13 @@ def apply_bundle(
         BundleRejected subclasses: any other refusal. Nothing is left at ``out_path``.
         TransferError: I/O failure.
     """
-    from firmware_bundles.delta import FileBaseReader  # noqa: PLC0415 - the codec loads numpy
-
     out_path = Path(out_path)
     with open_bundle(
         source, trust, now=now, hardware=hardware, min_security_version=min_security_version
     ) as bundle:
         release = bundle.release
-        payload = release.payload
-        if payload.kind is PayloadKind.FULL:
-            _write_atomically(out_path, release, bundle.chunks(), None)
-            return release
-        if base_path is None:
-            check_base(payload, None)
-        assert base_path is not None
-        try:
-            base_file = Path(base_path).open("rb")  # noqa: SIM115 - closed by the with below
-        except OSError as e:
-            raise BaseMismatch(f"cannot read base image: {e.strerror}") from e
-        with base_file:
-            # design: the base digest is checked before a single output byte is written
-            check_base(payload, hash_stream(base_file))
-            _write_atomically(out_path, release, bundle.chunks(), FileBaseReader(base_file))
+        with _checked_base(release.payload, base_path) as base:
+            _write_atomically(out_path, release, bundle.chunks(), base)
     return release
 
 

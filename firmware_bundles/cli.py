@@ -206,6 +206,10 @@ min_sv_option = click.option("--min-security-version", default=0, type=int, show
 @update_option
 @hardware_option
 @min_sv_option
+@click.option("--decode", is_flag=True,
+              help="Also decode every chunk and check the resulting image digest (no output).")
+@click.option("--base", type=click.Path(dir_okay=False, path_type=Path),
+              help="The exact base image, for --decode of a delta bundle.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_refusals
 def verify(  # noqa: PLR0917 - click passes options positionally
@@ -214,9 +218,14 @@ def verify(  # noqa: PLR0917 - click passes options positionally
     root_updates: tuple[Path, ...],
     hardware: str | None,
     min_security_version: int,
+    decode: bool,
+    base: Path | None,
     as_json: bool,
 ) -> None:
-    """Check signatures, expiry and every chunk of FILE (no base needed)."""
+    """Check signatures, expiry and every chunk of FILE (no base needed).
+
+    With --decode (and --base for a delta), also check the image it produces.
+    """
     from firmware_bundles.bundle import verify_bundle  # noqa: PLC0415
 
     release = verify_bundle(
@@ -225,6 +234,8 @@ def verify(  # noqa: PLR0917 - click passes options positionally
         now=_now(),
         hardware=hardware,
         min_security_version=min_security_version,
+        decode=decode or base is not None,
+        base_path=base,
     )
     if as_json:
         click.echo(json.dumps(_release_json(release), sort_keys=True))

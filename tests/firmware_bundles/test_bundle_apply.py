@@ -361,3 +361,22 @@ def test_unwritable_output_is_transfer_error_not_a_refusal(kit):
         _apply(kit, slb, out=kit.tmp / "no-such-dir" / "out.img")
     assert exc.value.code == "transfer.error"
     assert not isinstance(exc.value, BundleRejected)
+
+
+def test_verify_with_decode_checks_the_image_without_writing(kit):
+    slb = kit.build()
+    verify_bundle(slb, kit.trust, now=NOW, decode=True, base_path=kit.old)
+    with pytest.raises(BaseMismatch):
+        verify_bundle(slb, kit.trust, now=NOW, decode=True)
+    with pytest.raises(BaseMismatch):
+        verify_bundle(slb, kit.trust, now=NOW, decode=True, base_path=kit.new)
+    assert _leftovers(kit) == []
+
+
+def test_verify_with_decode_finds_a_wrong_target_digest(kit):
+    encoded = list(delta.encode_full(kit.new, chunk_out_size=16384))
+    chunks, outs = [c.data for c in encoded], [c.out_size for c in encoded]
+    slb = kit.craft("t.slb", chunks, outs, target=ImageRef(sum(outs), "cd" * 32))
+    verify_bundle(slb, kit.trust, now=NOW)
+    with pytest.raises(DigestMismatch):
+        verify_bundle(slb, kit.trust, now=NOW, decode=True)

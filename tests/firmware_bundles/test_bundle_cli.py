@@ -56,6 +56,10 @@ def test_keygen_build_verify_inspect_apply(run, work):
     result = run("verify", work / "d.slb", "--trust", trust)
     assert result.exit_code == 0
     assert result.output.startswith("verified: ")
+    result = run("verify", work / "d.slb", "--trust", trust, "--decode", "--base", work / "old.img")
+    assert result.exit_code == 0, result.output
+    _one_error_line(run("verify", work / "d.slb", "--trust", trust, "--decode"),
+                    "bundle.base_mismatch")
     result = run("verify", work / "d.slb", "--trust", trust, "--json")
     assert json.loads(result.output)["security_version"] == 2
     result = run("inspect", work / "d.slb", "--json")
