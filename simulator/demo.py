@@ -129,10 +129,11 @@ def _summary(  # noqa: PLR0917 - one caller
         lines.append(f"  {hw}: " + ", ".join(f"{v} {k}" for k, v in sorted(row.items())))
     metered = [x for x in result.sites if x.metered]
     for x in metered:
-        ratio = x.wan_bytes / result.bundle_bytes if result.bundle_bytes else 0.0
-        lines.append(f"Metered site {x.name}: {format_bytes(x.wan_bytes)} over the WAN for "
-                     f"{x.devices} devices ({ratio:.1f}x one bundle"
-                     + (", thanks to the site relay" if x.relay else "") + ").")
+        ratio = x.wan_chunk_bytes / result.bundle_bytes if result.bundle_bytes else 0.0
+        lines.append(f"Metered site {x.name}: {format_bytes(x.wan_chunk_bytes)} of bundle data "
+                     f"crossed its WAN link for {x.devices} devices ({ratio:.2f}x one bundle"
+                     + (", thanks to the site relay" if x.relay else "")
+                     + f"); all traffic incl. status: {format_bytes(x.wan_bytes)}.")
     lines.append(f"No device bricked: {c[Outcome.BRICKED] == 0}. "
                  f"Run took {took:.0f} s on this machine.")
     for line in lines:

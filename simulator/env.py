@@ -170,7 +170,9 @@ class Controller:
         ready: dict[str, Any] = {}
         started = threading.Event()
         self._stop = threading.Event()
-        settings = MqttSettings.from_url(self.broker_url, f"controller-sim-{self.restarts}")
+        # One client id across restarts: the broker keeps the gateway's persistent session (and
+        # what devices sent meanwhile) for the controller that comes back.
+        settings = MqttSettings.from_url(self.broker_url, "slotline-sim-controller")
         gateway = MqttGateway(settings, inbox=service, chunks=service)
         service.gateway = gateway
 

@@ -68,7 +68,8 @@ class LinkProfile:
 class LinkStats:
     """Counters for the report."""
 
-    wan_bytes: int = 0
+    wan_bytes: int = 0  # everything that crossed the site's WAN link
+    wan_chunk_bytes: int = 0  # of which bundle chunks (what a relay saves)
     wan_messages: int = 0
     lan_bytes: int = 0
     dropped_messages: int = 0
@@ -154,12 +155,16 @@ class Link:
             The arrival time at the device, or None when the link loses it.
         """
         if not self.profile.relay:
-            return self.send(t, nbytes)
+            arrival = self.send(t, nbytes)
+            if arrival is not None:
+                self.stats.wan_chunk_bytes += nbytes
+            return arrival
         held = self._relay.get(key)
         if held is None:
             arrival = self.send(t, nbytes)
             if arrival is None:
                 return None
+            self.stats.wan_chunk_bytes += nbytes
             self._relay[key] = held = arrival
         else:
             self.stats.relay_hits += 1

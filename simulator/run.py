@@ -259,7 +259,8 @@ def _drive(  # noqa: PLR0917 - one call site, the steps of run()
         st = site_totals.get(s.name, {})
         sites.append(report.SiteResult(
             name=s.name, devices=sum(1 for d in specs if d.site == s.name),
-            wan_bytes=st.get("wan_bytes", 0), lan_bytes=st.get("lan_bytes", 0),
+            wan_bytes=st.get("wan_bytes", 0), wan_chunk_bytes=st.get("wan_chunk_bytes", 0),
+            lan_bytes=st.get("lan_bytes", 0),
             wan_messages=st.get("wan_messages", 0), dropped_messages=st.get("dropped_messages", 0),
             retransmits=st.get("retransmits", 0), relay_hits=st.get("relay_hits", 0),
             metered=s.metered, relay=s.relay))

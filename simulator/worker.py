@@ -74,6 +74,36 @@ def shard_by_site(scenario: Scenario, specs: Sequence[DeviceSpec],
     return [s for s in shards if s] or [[]]
 
 
+class _FullDisk:
+    """A file system (``agent.adapters.fs.FileSystem``) whose disk fills up under one file.
+
+    ``FaultFS.no_space_after`` counts only growth, and slots are pre-sized sparse files, so the
+    disk-full event is modelled here: writes to ``path`` past ``limit`` bytes fail with ENOSPC.
+    """
+
+    def __init__(self, inner: Any, path: str, limit: int) -> None:
+        self._inner, self._path, self._limit = inner, path, limit
+        self._paths: dict[int, str] = {}
+        self.written = 0
+
+    def open(self, path: str, *, write: bool, create: bool = False) -> int:
+        handle: int = self._inner.open(path, write=write, create=create)
+        self._paths[handle] = path
+        return handle
+
+    def pwrite(self, handle: int, offset: int, data: bytes) -> None:
+        if self._paths.get(handle) == self._path:
+            if self.written + len(data) > self._limit:
+                import errno  # noqa: PLC0415
+
+                raise OSError(errno.ENOSPC, "no space left on device", self._path)
+            self.written += len(data)
+        self._inner.pwrite(handle, offset, data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
 class _Clock:
     """``agent.ports.Clock`` with an optional skew on wall time (the clock_skew fault)."""
 
@@ -137,9 +167,7 @@ class VirtualDevice:
             fs.put(self._p("slot_a"), Path(self.fw.base_image).read_bytes())
             fs.put(self._p("slot_b"), b"")
             for f in self.faults:
-                if f.kind is FaultKind.DISK_FULL:
-                    fs.no_space_after = self.fw.image_size // 3
-                elif f.kind is FaultKind.IO_ERROR:
+                if f.kind is FaultKind.IO_ERROR:
                     fs.io_error_paths.add(self._p("slot_b"))
             self.fs = fs
         else:
@@ -178,11 +206,6 @@ class VirtualDevice:
                 self._p("bootenv"))
             booted = SimBootloader(env).boot()
             self.stats.boots += 1
-            if self.fs is not None and self.stats.power_cuts == 0:
-                self.fs.cut_after = None
-                cut = self._cut_after()
-                if cut is not None:
-                    self.fs.cut_after = self.fs.ops + cut
             version = self._version_in(booted)
             if version == self.fw.to_version and self._fault(FaultKind.NEVER_BOOTS, version):
                 # The kernel panics before the agent starts; the watchdog resets the board.
@@ -252,14 +275,18 @@ class VirtualDevice:
         inner = MqttTransport(self.spec.device_id, settings, clock=clock, request_timeout=5.0)
         transport = LinkedTransport(inner, self.link, self.elapsed)
         fs = self.fs
+        media: Any = fs
+        full = next((f for f in self.faults if f.kind is FaultKind.DISK_FULL), None)
+        if full is not None and fs is not None:
+            media = _FullDisk(fs, self._p("slot_b"), self.fw.image_size // 3)
         slots = FileSlots(self._p("slot_a"), self._p("slot_b"), booted=booted,
-                          capacity=self.fw.image_size, fs=fs)
+                          capacity=self.fw.image_size, fs=media)
         agent = Agent(
             AgentConfig(device_id=self.spec.device_id, hardware=self.spec.hardware,
                         factory_version=self.fw.from_version, factory_size=self.fw.image_size,
                         retry_base=0.5, retry_cap=4.0),
-            slots=slots, bootenv=RedundantEnv(self._p("bootenv"), fs=fs),
-            journal=FileJournal(self._p("journal.json"), fs=fs), clock=clock, power=_Power(),
+            slots=slots, bootenv=RedundantEnv(self._p("bootenv"), fs=media),
+            journal=FileJournal(self._p("journal.json"), fs=media), clock=clock, power=_Power(),
             booted=booted, transport=transport,
             verifier=make_verifier(self.fw.trust_root, self.spec.device_id, self.spec.hardware),
             selftest=self._selftest(version, transport),
@@ -269,9 +296,14 @@ class VirtualDevice:
         # and the runtime starts its transport only after that reconciliation.
         await transport.start()
         task = asyncio.ensure_future(agent.run())
+        cut = self._cut_after() if fs is not None else None
         try:
             while not task.done():
                 await asyncio.wait({task}, timeout=0.05)
+                if (cut is not None and fs.cut_after is None and agent.started
+                        and agent.state.phase.busy):
+                    # Arm the cut once an update is under way: step k of *the update*.
+                    fs.cut_after = fs.ops + cut
                 if fs is not None and getattr(fs, "dead", False):
                     # Power is gone: no clean disconnect, no last words; the medium keeps only
                     # what the file system made durable.
