@@ -28,6 +28,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +50,40 @@ log = logging.getLogger(__name__)
 
 PAYLOAD_DOC_LIFETIME = 30 * 86400
 RESIGN_BEFORE = 86400
+
+
+@dataclass(frozen=True)
+class InstallPlan:
+    """Install ``args`` per device: the payload for its active digest, else a full one.
+
+    Choice: a payload whose base is the device's active digest (release delta or controller
+    delta), else a full payload (the release's own first), else none.
+    """
+
+    store: ReleaseStore
+    bundle_id: str
+    manifest: dict[str, Any]
+    rollout: str
+    by_base: dict[str, tuple[str, Any]]
+    full: tuple[str, Any] | None
+
+    def args_for(
+        self, device_id: str, active_digest: str | None
+    ) -> tuple[dict[str, Any], str] | None:
+        """(install args, payload id) for one device, or None if no payload fits."""
+        chosen = self.by_base.get(active_digest or "") or self.full
+        if chosen is None:
+            return None
+        payload_id, doc = chosen
+        args: dict[str, Any] = {
+            "bundle_id": self.bundle_id,
+            "manifest": self.manifest,
+            "rollout": self.rollout,
+        }
+        if doc is not None:
+            args["payload"] = doc
+        self.store.offer(device_id, self.bundle_id, payload_id)
+        return args, payload_id
 
 
 def _utc(ts: float) -> dt.datetime:
@@ -347,35 +382,28 @@ class ReleaseStore:
             made += 1
         return made
 
+    def install_plan(self, s: Session, release: m.Release, rollout_id: int) -> InstallPlan:
+        """What install commands of ``release`` carry, loaded once per scheduler batch."""
+        payloads = self._payloads(s, release.bundle_id)
+        manifest = json.loads(release.manifest)
+        by_base: dict[str, tuple[str, Any]] = {}
+        full = None
+        for x in payloads:
+            doc = json.loads(self._fresh_doc(release, x)) if x.doc is not None else None
+            if x.base_sha256 is not None:
+                by_base[x.base_sha256] = (x.payload_id, doc)
+            elif full is None or x.payload_id == release.bundle_id:
+                full = (x.payload_id, doc)
+        return InstallPlan(self, release.bundle_id, manifest, str(rollout_id), by_base, full)
+
     def install_args(
         self, s: Session, release: m.Release, device_id: str, rollout_id: int
     ) -> dict[str, Any] | None:
-        """The ``args`` of an install command for one device, or None if no payload fits.
-
-        Choice: a payload for the device's active digest (release delta or controller delta),
-        else a full payload, else none.
-        """
+        """The ``args`` of an install command for one device, or None if no payload fits."""
         dev = s.get(m.Device, device_id)
         assert dev is not None
-        payloads = self._payloads(s, release.bundle_id)
-        chosen = None
-        if dev.active_digest is not None:
-            chosen = next((x for x in payloads if x.base_sha256 == dev.active_digest), None)
-        if chosen is None:
-            chosen = next((x for x in payloads if x.kind == "full"), None)
-        if chosen is None:
-            return None
-        args: dict[str, Any] = {
-            "bundle_id": release.bundle_id,
-            "manifest": json.loads(release.manifest),
-            "rollout": str(rollout_id),
-        }
-        if chosen.doc is not None:
-            args["payload"] = json.loads(self._fresh_doc(release, chosen))
-        with self._lock:
-            self._offered[device_id, release.bundle_id] = chosen.payload_id
-        args["_payload_id"] = chosen.payload_id
-        return args
+        chosen = self.install_plan(s, release, rollout_id).args_for(device_id, dev.active_digest)
+        return None if chosen is None else chosen[0]
 
     def _fresh_doc(self, release: m.Release, payload: m.Payload) -> bytes:
         """The payload doc, re-signed when it is about to expire (controller-made only)."""
@@ -397,6 +425,11 @@ class ReleaseStore:
             value, env, [self.command_key()], created=now, expires=now + PAYLOAD_DOC_LIFETIME
         )
         return payload.doc
+
+    def offer(self, device_id: str, bundle_id: str, payload_id: str) -> None:
+        """Remember which payload a device was told to fetch for ``bundle_id``."""
+        with self._lock:
+            self._offered[device_id, bundle_id] = payload_id
 
     def _payloads(self, s: Session, release_id: str) -> list[m.Payload]:
         return list(s.scalars(select(m.Payload).where(m.Payload.release_id == release_id)))

@@ -66,6 +66,27 @@ def _active_digest(state: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _state_values(state: Mapping[str, Any]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    digest = _active_digest(state)
+    if digest is not None:
+        values["active_digest"] = digest
+    versions = state.get("versions")
+    if isinstance(versions, Mapping) and len(versions) <= 32:
+        values["versions"] = {
+            str(k)[:64]: v[:64] for k, v in versions.items() if isinstance(v, str)
+        }
+    health = _numbers(state.get("health"))
+    if health is not None:
+        values["health"] = health
+    values["state"] = {
+        k: state[k]
+        for k in ("phase", "primary", "active", "security_version")
+        if k in state and isinstance(state[k], str | int)
+    }
+    return values
+
+
 class Reports:
     """See module docstring."""
 
@@ -100,7 +121,7 @@ class Reports:
 
     def _apply(self, items: list[tuple[str, str, Any]]) -> None:
         now = self.svc.clock()
-        known = {d for _, d, _ in items if self.svc.known_device(d)}
+        known = self.svc.known_devices({d for _, d, _ in items if isinstance(d, str)})
         states: dict[str, dict[str, Any]] = {}
         online: dict[str, bool] = {}
         events: list[tuple[str, Mapping[str, Any]]] = []
@@ -115,27 +136,17 @@ class Reports:
                 events.append((device_id, doc))
         seen = _utc(now)
         with self.svc.sessions.begin() as s:
+            # executemany by primary key, grouped by the columns each update sets
+            by_keys: dict[tuple[str, ...], list[dict[str, Any]]] = {}
             for device_id, state in states.items():
-                values: dict[str, Any] = {"last_seen": seen}
-                digest = _active_digest(state)
-                if digest is not None:
-                    values["active_digest"] = digest
-                versions = state.get("versions")
-                if isinstance(versions, Mapping) and len(versions) <= 32:
-                    values["versions"] = {
-                        str(k)[:64]: v[:64] for k, v in versions.items() if isinstance(v, str)
-                    }
-                health = _numbers(state.get("health"))
-                if health is not None:
-                    values["health"] = health
-                values["state"] = {
-                    k: state[k]
-                    for k in ("phase", "primary", "active", "security_version")
-                    if k in state and isinstance(state[k], str | int)
-                }
+                values = _state_values(state)
+                values["last_seen"] = seen
                 if device_id in online:
                     values["online"] = online.pop(device_id)
-                s.execute(update(m.Device).where(m.Device.id == device_id).values(**values))
+                values["id"] = device_id
+                by_keys.setdefault(tuple(sorted(values)), []).append(values)
+            for rows in by_keys.values():
+                s.execute(update(m.Device), rows)
             for device_id, flag in online.items():
                 s.execute(
                     update(m.Device)

@@ -547,6 +547,25 @@ class ControllerService:
         """Apply every queued device report now (``tick`` does this first)."""
         return self.reports.drain()
 
+    def known_devices(self, device_ids: Iterable[str]) -> set[str]:
+        """The enrolled, active devices among ``device_ids`` (one query for the uncached)."""
+        ids = set(device_ids)
+        with self._caches.lock:
+            known = {d for d in ids if d in self._caches.site_of}
+        missing = sorted(ids - known)
+        with self.sessions() as s:
+            for i in range(0, len(missing), 500):
+                rows = s.execute(
+                    select(m.Device.id, m.Device.site).where(
+                        m.Device.id.in_(missing[i : i + 500]), m.Device.status == "active"
+                    )
+                ).all()
+                with self._caches.lock:
+                    for device_id, site in rows:
+                        self._caches.site_of[device_id] = site
+                        known.add(device_id)
+        return known
+
     def known_device(self, device_id: str) -> bool:
         """Whether ``device_id`` is an enrolled, active device (cached)."""
         with self._caches.lock:

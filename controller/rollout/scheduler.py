@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from controller.db import models as m
@@ -371,7 +371,7 @@ class Scheduler:
                     action, rd.state = "cancel", DS.CANCEL_SENT.value
                 else:
                     action, rd.state = "rollback", DS.ROLLBACK_SENT.value
-                self._command(
+                rd.counter = self._command(
                     s,
                     device_id=rd.device_id,
                     action=action,
@@ -614,7 +614,12 @@ class Scheduler:
     def _command_group(
         self, s: Session, ro: m.Rollout, g: m.RolloutGroup, n: int, now: float
     ) -> int:
-        """Command up to ``n`` scheduled devices of ``g`` whose site window is open now."""
+        """Command up to ``n`` scheduled devices of ``g`` whose site window is open now.
+
+        Batched: one query loads the candidates with their devices' counters and digests (rows
+        locked on PostgreSQL), commands are signed in memory, then one executemany each bumps
+        the counters, inserts the outbox rows and moves the rollout rows.
+        """
         sites = {x.name: x for x in s.scalars(select(m.Site))}
         per_site: dict[str, int] = defaultdict(int)
         if ro.max_in_flight_per_site is not None:
@@ -627,38 +632,95 @@ class Scheduler:
             )
             per_site.update(dict(s.execute(q).tuples().all()))
         open_sites: dict[str, bool] = {}
-        candidates = s.scalars(
-            select(m.RolloutDevice)
+        q = (
+            select(
+                m.RolloutDevice.device_id,
+                m.RolloutDevice.site,
+                m.Device.command_counter,
+                m.Device.active_digest,
+            )
+            .join(m.Device, m.Device.id == m.RolloutDevice.device_id)
             .where(m.RolloutDevice.group_id == g.id, m.RolloutDevice.state == DS.SCHEDULED.value)
             .order_by(m.RolloutDevice.device_id)
         )
+        if s.bind is not None and s.bind.dialect.name == "postgresql":
+            q = q.with_for_update(of=m.Device)
         release = s.get(m.Release, ro.release_id)
         assert release is not None
-        sent = 0
-        for rd in candidates:
-            if sent >= n:
+        plan = self.svc.releases.install_plan(s, release, ro.id)
+        cap = ro.max_in_flight_per_site
+        commanded: list[dict[str, Any]] = []
+        unfit: list[dict[str, Any]] = []
+        outbox: list[dict[str, Any]] = []
+        counters: list[dict[str, Any]] = []
+        for device_id, site, last, digest in s.execute(q).tuples():
+            if len(commanded) >= n:
                 break
-            if rd.site not in open_sites:
-                site = sites.get(rd.site)
-                open_sites[rd.site] = site is None or window_open(site.windows, site.tz, now)
-            if not open_sites[rd.site]:
+            if site not in open_sites:
+                row = sites.get(site)
+                open_sites[site] = row is None or window_open(row.windows, row.tz, now)
+            if not open_sites[site] or (cap is not None and per_site[site] >= cap):
                 continue
-            cap = ro.max_in_flight_per_site
-            if cap is not None and per_site[rd.site] >= cap:
+            chosen = plan.args_for(device_id, digest)
+            key = {"rollout_id": ro.id, "device_id": device_id}
+            if chosen is None:
+                unfit.append(
+                    {
+                        **key,
+                        "state": DS.FAILED.value,
+                        "error": "controller.no_payload",
+                        "updated_at": now,
+                    }
+                )
                 continue
-            args = self.svc.releases.install_args(s, release, rd.device_id, ro.id)
-            payload_id = args.pop("_payload_id", None) if args is not None else None
-            if args is None:
-                rd.state, rd.error = DS.FAILED.value, "controller.no_payload"
-                continue
-            counter = self._command(
-                s, device_id=rd.device_id, action="install", args=args, rollout_id=ro.id, now=now
+            args, payload_id = chosen
+            counter = int(last) + 1
+            body = self._sign(device_id, counter, "install", args, now)
+            counters.append({"id": device_id, "command_counter": counter})
+            outbox.append(
+                {
+                    "device_id": device_id,
+                    "counter": counter,
+                    "action": "install",
+                    "rollout_id": ro.id,
+                    "body": body,
+                    "created_at": now,
+                }
             )
-            rd.state, rd.counter, rd.payload_id = DS.COMMANDED.value, counter, payload_id
-            rd.updated_at = now
-            per_site[rd.site] += 1
-            sent += 1
-        return sent
+            commanded.append(
+                {
+                    **key,
+                    "state": DS.COMMANDED.value,
+                    "counter": counter,
+                    "payload_id": payload_id,
+                    "updated_at": now,
+                }
+            )
+            per_site[site] += 1
+        if counters:
+            s.execute(update(m.Device), counters)
+            s.execute(insert(m.Command), outbox)
+        # executemany by primary key; the two lists have different columns.
+        for rows in (commanded, unfit):
+            if rows:
+                s.execute(update(m.RolloutDevice), rows)
+        return len(commanded)
+
+    def _sign(
+        self, device_id: str, counter: int, action: str, args: dict[str, Any], now: float
+    ) -> bytes:
+        return self.svc.releases.sign_command(
+            {
+                "type": "command",
+                "schema": 1,
+                "device": device_id,
+                "counter": counter,
+                "issued": int(now),
+                "expires": int(now) + self.svc.config.command_ttl_seconds,
+                "action": action,
+                "args": args,
+            }
+        )
 
     def _command(
         self,
@@ -677,17 +739,7 @@ class Scheduler:
             .values(command_counter=m.Device.command_counter + 1)
             .returning(m.Device.command_counter)
         ).scalar_one()
-        signed = {
-            "type": "command",
-            "schema": 1,
-            "device": device_id,
-            "counter": counter,
-            "issued": int(now),
-            "expires": int(now) + self.svc.config.command_ttl_seconds,
-            "action": action,
-            "args": args,
-        }
-        body = self.svc.releases.sign_command(signed)
+        body = self._sign(device_id, counter, action, args, now)
         s.add(
             m.Command(
                 device_id=device_id,
