@@ -116,6 +116,7 @@ def _build(cfg: Any, *, transport: Any = None, power: Any = None, sources: Any =
 
     env = _bootenv(cfg)
     booted = _booted(cfg, env)
+    slots: FileSlots | BlockSlots
     if cfg.slots_kind == "file":
         slots = FileSlots(cfg.slot_a, cfg.slot_b, booted=booted, capacity=cfg.slot_size)
     else:
@@ -155,8 +156,9 @@ def agent() -> None:
 
 
 @agent.command()
-@click.option("--config", "config", default=DEFAULT_CONFIG, show_default=True,
-              type=click.Path(dir_okay=False))
+@click.option(
+    "--config", "config", default=DEFAULT_CONFIG, show_default=True, type=click.Path(dir_okay=False)
+)
 def run(config: str) -> None:
     """Run the agent daemon (MQTT transport to the controller)."""
     cfg = _load(config)
@@ -177,8 +179,9 @@ def run(config: str) -> None:
     )
 
     async def main() -> str:
-        transport = MqttTransport(cfg.device_id, settings, clock=_SystemClock(),
-                                  window=cfg.fetch_window)
+        transport = MqttTransport(
+            cfg.device_id, settings, clock=_SystemClock(), window=cfg.fetch_window
+        )
         the_agent = _build(cfg, transport=transport)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -192,10 +195,15 @@ def run(config: str) -> None:
 
 @agent.command()
 @click.argument("bundle", type=click.Path(exists=True, dir_okay=False))
-@click.option("--config", "config", default=DEFAULT_CONFIG, show_default=True,
-              type=click.Path(dir_okay=False))
-@click.option("--reboot/--no-reboot", default=False, show_default=True,
-              help="Reboot into the trial at once when the slot is staged.")
+@click.option(
+    "--config", "config", default=DEFAULT_CONFIG, show_default=True, type=click.Path(dir_okay=False)
+)
+@click.option(
+    "--reboot/--no-reboot",
+    default=False,
+    show_default=True,
+    help="Reboot into the trial at once when the slot is staged.",
+)
 def install(bundle: str, config: str, reboot: bool) -> None:
     """Install a .slb offline (same checks as a network install), with a progress bar."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn  # noqa: PLC0415
@@ -214,14 +222,19 @@ def install(bundle: str, config: str, reboot: bool) -> None:
 
     async def main() -> Any:
         src: dict[str, Any] = {}
-        the_agent = _build(cfg, power=power, sources=lambda bid: src.get(bid))
+        the_agent = _build(cfg, power=power, sources=src.get)
         await the_agent.start()  # reconcile first: a trial or a resume may be pending
         await the_agent.wait_download()
         if the_agent.rebooting:
             return the_agent, None
         try:
-            opened = open_bundle(path, trust, now=now, hardware=cfg.hardware,
-                                 min_security_version=the_agent.state.security_version)
+            opened = open_bundle(
+                path,
+                trust,
+                now=now,
+                hardware=cfg.hardware,
+                min_security_version=the_agent.state.security_version,
+            )
         except BundleError as e:
             from agent.core.events import Rejected  # noqa: PLC0415
 
@@ -231,10 +244,16 @@ def install(bundle: str, config: str, reboot: bool) -> None:
         source = SlbSource(path, opened, trust=trust, now=now, hardware=cfg.hardware)
         src[release.bundle_id] = source
         total = release.target_size
-        with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                      TimeRemainingColumn(), transient=False) as bar:
-            task = bar.add_task(f"{release.version} -> slot {the_agent.state.primary.other.value}",
-                                total=total)
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            DownloadColumn(),
+            TimeRemainingColumn(),
+            transient=False,
+        ) as bar:
+            task = bar.add_task(
+                f"{release.version} -> slot {the_agent.state.primary.other.value}", total=total
+            )
 
             async def watch() -> None:
                 while True:
@@ -267,8 +286,10 @@ def install(bundle: str, config: str, reboot: bool) -> None:
         if reboot:
             click.echo("staged: rebooting into the trial")
         else:
-            click.echo(f"staged in slot {st.update.plan.target_slot.value if st.update else '?'}: "
-                       "reboot to start the trial boot")
+            click.echo(
+                f"staged in slot {st.update.plan.target_slot.value if st.update else '?'}: "
+                "reboot to start the trial boot"
+            )
         return
     r = st.last_result
     if r is not None and r.outcome in ("failed", "rejected"):
@@ -278,8 +299,9 @@ def install(bundle: str, config: str, reboot: bool) -> None:
 
 
 @agent.command()
-@click.option("--config", "config", default=DEFAULT_CONFIG, show_default=True,
-              type=click.Path(dir_okay=False))
+@click.option(
+    "--config", "config", default=DEFAULT_CONFIG, show_default=True, type=click.Path(dir_okay=False)
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(config: str, as_json: bool) -> None:
     """Slots, versions, boot state and the last result with its error code."""
@@ -321,20 +343,32 @@ def status(config: str, as_json: bool) -> None:
     from rich.table import Table  # noqa: PLC0415
 
     console = Console()
-    console.print(f"device [bold]{doc['device']}[/]  phase [bold]{doc['phase']}[/]  "
-                  f"version {doc.get('version')}  security_version {doc.get('security_version')}")
+    console.print(
+        f"device [bold]{doc['device']}[/]  phase [bold]{doc['phase']}[/]  "
+        f"version {doc.get('version')}  security_version {doc.get('security_version')}"
+    )
     table = Table("slot", "state", "version", "sha256", "primary", "booted")
     for name, s in (doc.get("slots") or {}).items():
-        table.add_row(name, s["state"], str(s["version"]), (s["sha256"] or "")[:16],
-                      "yes" if s["primary"] else "", "yes" if s["booted"] else "")
+        table.add_row(
+            name,
+            s["state"],
+            str(s["version"]),
+            (s["sha256"] or "")[:16],
+            "yes" if s["primary"] else "",
+            "yes" if s["booted"] else "",
+        )
     console.print(table)
-    e = doc["bootenv"]
-    console.print(f"boot env: boot_part={e['boot_part']} upgrade_available={int(e['upgrade_available'])} "
-                  f"bootcount={e['bootcount']}" + (f" [red]{e['error']}[/]" if "error" in e else ""))
+    be = doc["bootenv"]
+    console.print(
+        f"boot env: boot_part={be['boot_part']} upgrade_available={int(be['upgrade_available'])} "
+        f"bootcount={be['bootcount']}" + (f" [red]{be['error']}[/]" if "error" in be else "")
+    )
     if doc.get("update"):
         u = doc["update"]
-        console.print(f"update: {u['bundle_id']} {u['version']} -> slot {u['target_slot']}, "
-                      f"{u['chunks_done']}/{u['chunks_total']} chunks, attempt {u['attempts']}")
+        console.print(
+            f"update: {u['bundle_id']} {u['version']} -> slot {u['target_slot']}, "
+            f"{u['chunks_done']}/{u['chunks_total']} chunks, attempt {u['attempts']}"
+        )
     r = doc.get("last_result")
     if r:
         console.print(f"last result: [bold]{r['outcome']}[/] {r['code'] or ''} {r['message']}")

@@ -63,14 +63,21 @@ class Config:
     source: str = ""
 
 
-def _get(section: Mapping[str, Any], key: str, kind: type | tuple[type, ...], default: Any = None,
-         *, required: bool = False, where: str = "") -> Any:
+def _get(
+    section: Mapping[str, Any],
+    key: str,
+    kind: type | tuple[type, ...],
+    default: Any = None,
+    *,
+    required: bool = False,
+    where: str = "",
+) -> Any:
     if key not in section:
         if required:
             raise ConfigInvalid(f"[{where}] {key} is required")
         return default
     value = section[key]
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ConfigInvalid(f"[{where}] {key} has the wrong type")
     return value
 
@@ -137,8 +144,9 @@ def parse_config(doc: Mapping[str, Any], *, source: str = "") -> Config:
         bootenv_config=_get(env, "config", str, None, where="bootenv"),
         bootenv_default=_get(env, "default_env", str, None, where="bootenv"),
         bootenv_path=_get(env, "path", str, None, where="bootenv"),
-        journal=_get(doc.get("journal", {}), "path", str, "/var/lib/slotline/journal.json",
-                     where="journal"),
+        journal=_get(
+            doc.get("journal", {}), "path", str, "/var/lib/slotline/journal.json", where="journal"
+        ),
         checkpoint_bytes=int(_get(upd, "checkpoint_mib", int, 8, where="update")) << 20,
         fetch_window=_get(upd, "fetch_window", int, 4, where="update"),
         retry_cap=float(_get(upd, "retry_cap", (int, float), 60, where="update")),

@@ -43,7 +43,9 @@ def _slot(d: dict[str, Any]) -> SlotInfo:
 def _result(d: dict[str, Any] | None) -> Result | None:
     if d is None:
         return None
-    return Result(d["outcome"], d.get("code"), d.get("message", ""), d.get("bundle_id"), d.get("version"))
+    return Result(
+        d["outcome"], d.get("code"), d.get("message", ""), d.get("bundle_id"), d.get("version")
+    )
 
 
 def _plan(d: dict[str, Any]) -> InstallPlan:

@@ -75,11 +75,20 @@ from agent.core.events import (
     WriteFailed,
 )
 from agent.core.machine import DEFAULT_CHECKPOINT_BYTES, make_install_plan, step
-from agent.core.states import AgentState, BootSlot, BootState, PayloadKind, Phase, Release, Result, SlotInfo
+from agent.core.states import (
+    AgentState,
+    BootSlot,
+    BootState,
+    PayloadKind,
+    Phase,
+    Release,
+    Result,
+    SlotInfo,
+)
 from agent.errors import ActiveSlotWrite, AgentError, BootEnvError, JournalError
 from agent.journal import decode, encode
 from agent.ports import BootEnv, Clock, SlotStore, StateStore, Transport
-from firmware_bundles.errors import BundleError, BundleRejected, TransferError
+from firmware_bundles.errors import BundleError, TransferError
 
 log = logging.getLogger("slotline.agent")
 
@@ -309,7 +318,7 @@ class Agent:
                 self.state = dataclasses.replace(decode(raw), booted=self.booted)
             except JournalError as e:
                 # A journal we cannot read: start over from what the bootloader says, report.
-                log.error("journal unreadable (%s): starting from the boot env", e.code)
+                log.warning("journal unreadable (%s): starting from the boot env", e.code)
                 self.state = await asyncio.to_thread(self._factory_state)
                 self.state = dataclasses.replace(
                     self.state, last_result=Result("failed", e.code, str(e))
@@ -348,7 +357,9 @@ class Agent:
         """Ask :meth:`run` to return."""
         self._stop.set()
 
-    async def install(self, release: Release, source: ChunkSource, *, counter: int = 0) -> AgentState:
+    async def install(
+        self, release: Release, source: ChunkSource, *, counter: int = 0
+    ) -> AgentState:
         """Install a verified release from ``source`` and drive it to the reboot (or failure).
 
         Returns the state afterwards: ``STAGED`` with :attr:`rebooting` set when the new slot is
@@ -382,7 +393,9 @@ class Agent:
         if cmd.action == "install" and cmd.release is not None:
             source = cmd.source or (self._sources(cmd.release.bundle_id) if self._sources else None)
             if source is None and self.transport is None:
-                await self._feed(Rejected("transfer.error", "no chunk source", cmd.release.bundle_id))
+                await self._feed(
+                    Rejected("transfer.error", "no chunk source", cmd.release.bundle_id)
+                )
                 return
             source = source or self._transport_source(cmd.release.bundle_id)
             await self._request_install(cmd.release, source, cmd.counter)
@@ -518,7 +531,10 @@ class Agent:
         if self._reboot_requested:
             return
         async with self._lock:
-            if isinstance(event, ChunkFetched | FetchFailed) and self.state.phase is not Phase.DOWNLOADING:
+            if (
+                isinstance(event, ChunkFetched | FetchFailed)
+                and self.state.phase is not Phase.DOWNLOADING
+            ):
                 return  # a late chunk from a fetch that a cancel or failure already ended
             queue: deque[Event] = deque([event])
             try:

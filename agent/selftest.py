@@ -68,14 +68,26 @@ class Check:
     @property
     def label(self) -> str:
         """Name for reports."""
-        return self.name or f"{self.kind}:{self.argv or self.host or self.url or self.unit or self.path}"
+        return (
+            self.name
+            or f"{self.kind}:{self.argv or self.host or self.url or self.unit or self.path}"
+        )
 
     @staticmethod
     def from_mapping(d: Mapping[str, Any]) -> Check:
         """From a TOML table."""
         known = {
-            "kind", "name", "argv", "expect_exit", "host", "port", "url",
-            "expect_status", "unit", "path", "timeout",
+            "kind",
+            "name",
+            "argv",
+            "expect_exit",
+            "host",
+            "port",
+            "url",
+            "expect_status",
+            "unit",
+            "path",
+            "timeout",
         }
         extra = set(d) - known
         if extra:
@@ -98,7 +110,9 @@ class _Fail(Exception):
         self.code = code
 
 
-async def _run_argv(argv: Sequence[str], timeout: float, env: Mapping[str, str] | None = None) -> int:
+async def _run_argv(
+    argv: Sequence[str], timeout: float, env: Mapping[str, str] | None = None
+) -> int:
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
@@ -119,8 +133,11 @@ async def _run_argv(argv: Sequence[str], timeout: float, env: Mapping[str, str] 
         raise _Fail("selftest.timeout", f"{argv[0]} did not finish within {timeout:g} s") from None
     finally:
         if proc.returncode is None:
+            # cancelled by the overall deadline: kill the group and reap it before going on
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(proc.wait())
 
 
 async def _http_status(url: str, timeout: float) -> int:
@@ -168,9 +185,13 @@ class SelfTestRunner:
                 raise _Fail("selftest.failed", f"{c.label} exited {rc}, expected {c.expect_exit}")
         elif c.kind == "tcp":
             try:
-                _, writer = await asyncio.wait_for(asyncio.open_connection(c.host, c.port), c.timeout)
+                _, writer = await asyncio.wait_for(
+                    asyncio.open_connection(c.host, c.port), c.timeout
+                )
             except TimeoutError:
-                raise _Fail("selftest.timeout", f"{c.label}: no answer in {c.timeout:g} s") from None
+                raise _Fail(
+                    "selftest.timeout", f"{c.label}: no answer in {c.timeout:g} s"
+                ) from None
             except OSError as e:
                 raise _Fail("selftest.failed", f"{c.label}: {e.strerror or e}") from e
             writer.close()
@@ -180,15 +201,19 @@ class SelfTestRunner:
             try:
                 status = await asyncio.wait_for(_http_status(c.url, c.timeout), c.timeout + 1)
             except TimeoutError:
-                raise _Fail("selftest.timeout", f"{c.label}: no answer in {c.timeout:g} s") from None
+                raise _Fail(
+                    "selftest.timeout", f"{c.label}: no answer in {c.timeout:g} s"
+                ) from None
             if status != c.expect_status:
-                raise _Fail("selftest.failed", f"{c.label}: status {status}, expected {c.expect_status}")
+                raise _Fail(
+                    "selftest.failed", f"{c.label}: status {status}, expected {c.expect_status}"
+                )
         elif c.kind == "systemd":
             rc = await _run_argv(["systemctl", "is-active", "--quiet", c.unit], c.timeout)
             if rc != 0:
                 raise _Fail("selftest.failed", f"unit {c.unit} is not active")
         elif c.kind == "file":
-            if not Path(c.path).exists():
+            if not await asyncio.to_thread(Path(c.path).exists):
                 raise _Fail("selftest.failed", f"{c.path} is missing")
         elif c.kind == "controller":
             if self.transport is None:

@@ -72,7 +72,9 @@ class BundleVerifier:
 
 def make_verifier(trust_root: bytes, *, device_id: str, hardware: str) -> BundleVerifier:
     """A verifier from the trust root's bytes (``trust.json``)."""
-    return BundleVerifier(TrustStore.from_root_bytes(trust_root), device_id=device_id, hardware=hardware)
+    return BundleVerifier(
+        TrustStore.from_root_bytes(trust_root), device_id=device_id, hardware=hardware
+    )
 
 
 class SlbSource:
@@ -84,8 +86,15 @@ class SlbSource:
 
     retryable = False
 
-    def __init__(self, path: Path, bundle: OpenBundle | None = None, *, trust: TrustStore | None = None,
-                 now: int = 0, hardware: str | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        bundle: OpenBundle | None = None,
+        *,
+        trust: TrustStore | None = None,
+        now: int = 0,
+        hardware: str | None = None,
+    ) -> None:
         self.path = Path(path)
         self._bundle = bundle
         self._trust = trust

@@ -1,4 +1,4 @@
-"""Boot env adapters (the ``BootEnv`` port) and the simulated U-Boot that reads them.
+r"""Boot env adapters (the ``BootEnv`` port) and the simulated U-Boot that reads them.
 
 Variables (U-Boot names): ``boot_part`` (a|b), ``upgrade_available`` (0|1), ``bootcount``,
 ``bootlimit``, and our ``security_version`` (the anti-rollback floor, kept outside the journal).
@@ -56,10 +56,7 @@ def env_changes(command: SetBootOnce | MarkGood | MarkBad | MarkActive) -> dict[
     """The variables one env command sets (one write, all or nothing)."""
     if isinstance(command, SetBootOnce):
         return {"boot_part": command.slot.value, "upgrade_available": "1", "bootcount": "0"}
-    if isinstance(command, MarkBad):
-        slot = command.slot.other
-    else:
-        slot = command.slot
+    slot = command.slot.other if isinstance(command, MarkBad) else command.slot
     return {"boot_part": slot.value, "upgrade_available": "0", "bootcount": "0"}
 
 
@@ -86,7 +83,7 @@ def _int(value: str | None) -> int:
 
 
 def encode_copy(env: Mapping[str, str], size: int, flags: int) -> bytes:
-    """One env copy: crc32 (LE) of the data area, a flags byte, ``k=v\\0`` pairs, zero padding."""
+    r"""One env copy: crc32 (LE) of the data area, a flags byte, ``k=v\\0`` pairs, zero padding."""
     body = b"".join(f"{k}={env[k]}".encode() + b"\0" for k in sorted(env)) + b"\0"
     if len(body) > size - 5:
         raise BootEnvError(f"env of {len(body)} B does not fit a {size} B copy")
@@ -141,9 +138,11 @@ class RedundantEnv:
 
     def _current(self) -> tuple[int | None, int, dict[str, str]]:
         c = self._copies()
-        if c[0] is not None and c[1] is not None:
-            i = _newer(c[0][0], c[1][0])
-            return i, c[i][0], c[i][1]
+        c0, c1 = c
+        if c0 is not None and c1 is not None:
+            i = _newer(c0[0], c1[0])
+            flags, env = c0 if i == 0 else c1
+            return i, flags, env
         for i in (0, 1):
             ci = c[i]
             if ci is not None:
@@ -181,7 +180,9 @@ class RedundantEnv:
 class FwEnv:
     """``fw_printenv``/``fw_setenv`` with an explicit config (``-c``) and default env (``-f``)."""
 
-    def __init__(self, config: str, *, default_env: str | None = None, timeout: float = 10.0) -> None:
+    def __init__(
+        self, config: str, *, default_env: str | None = None, timeout: float = 10.0
+    ) -> None:
         self.config = config
         self.default_env = default_env
         self.timeout = timeout

@@ -142,7 +142,10 @@ class FaultFS:
         self._check_alive()
         if hd.path in self.io_error_paths:
             raise OSError(errno.EIO, "I/O error", hd.path)
-        if self.readonly_after_n_writes is not None and self._writes >= self.readonly_after_n_writes:
+        if (
+            self.readonly_after_n_writes is not None
+            and self._writes >= self.readonly_after_n_writes
+        ):
             raise OSError(errno.EROFS, "read-only file system", hd.path)
         grow = max(0, offset + len(data) - len(hd.inode.current))
         if self.no_space_after is not None and self._written_bytes + grow > self.no_space_after:

@@ -11,6 +11,7 @@ promise durability call both.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Protocol
 
@@ -101,11 +102,11 @@ class OsFileSystem:
             done += os.pwrite(handle, view[done:], offset + done)
 
     def fsync(self, handle: int) -> None:
-        """fsync."""
+        """Fsync."""
         os.fsync(handle)
 
     def truncate(self, handle: int, size: int) -> None:
-        """ftruncate."""
+        """Ftruncate."""
         os.ftruncate(handle, size)
 
     def size(self, handle: int) -> int:
@@ -114,10 +115,10 @@ class OsFileSystem:
 
     def rename(self, src: str, dst: str) -> None:
         """os.replace."""
-        os.replace(src, dst)
+        os.replace(src, dst)  # noqa: PTH105 - plain str paths in this seam
 
     def fsync_dir(self, path: str) -> None:
-        """fsync a directory handle."""
+        """Fsync a directory handle."""
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
@@ -126,10 +127,8 @@ class OsFileSystem:
 
     def unlink(self, path: str) -> None:
         """Remove if present."""
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # noqa: PTH108 - plain str paths in this seam
 
     def exists(self, path: str) -> bool:
         """os.path.exists."""

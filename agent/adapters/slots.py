@@ -96,7 +96,7 @@ class _Slots:
             raise _wrap(e, f"writing slot {slot.value}") from e
 
     def sync(self, slot: BootSlot) -> None:
-        """fsync the slot."""
+        """Fsync the slot."""
         if slot is self._booted:
             raise ActiveSlotWrite(f"slot {slot.value} is the booted slot")
         try:

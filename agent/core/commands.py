@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.core.states import AgentState, BootSlot, PlannedChunk, PayloadKind
+from agent.core.states import AgentState, BootSlot, PayloadKind, PlannedChunk
 
 
 @dataclass(frozen=True)

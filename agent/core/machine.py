@@ -274,9 +274,10 @@ def _both(a: Guard, b: Guard) -> Guard:
 
 def _chunk_ok(s: AgentState, e: ChunkFetched) -> bool:
     u = _upd(s)
-    return hashlib.sha256(e.data).hexdigest() == u.plan.chunks[e.index].sha256 and len(
-        e.data
-    ) == u.plan.chunks[e.index].size
+    return (
+        hashlib.sha256(e.data).hexdigest() == u.plan.chunks[e.index].sha256
+        and len(e.data) == u.plan.chunks[e.index].size
+    )
 
 
 def _chunk_bad(s: AgentState, e: ChunkFetched) -> bool:
@@ -338,7 +339,9 @@ def _booted_primary(s: AgentState, e: object) -> bool:
 def _observe(s: AgentState, e: Booted) -> AgentState:
     # The anti-rollback floor also lives in the boot env: take the higher of the two, so losing
     # the journal (a wiped data partition) never lowers it.
-    return replace(s, booted=e.slot, security_version=max(s.security_version, e.env.security_version))
+    return replace(
+        s, booted=e.slot, security_version=max(s.security_version, e.env.security_version)
+    )
 
 
 def _settle(s: AgentState, e: Booted) -> Outcome:
@@ -551,7 +554,11 @@ def _rollback(s: AgentState, e: RollbackRequested) -> Outcome:
     other = s.primary.other
     r = Result("rolled_back", None, "", None, s.slot(other).version)
     done = replace(
-        s, phase=Phase.IDLE, primary=other, last_result=r, last_counter=max(s.last_counter, e.counter)
+        s,
+        phase=Phase.IDLE,
+        primary=other,
+        last_result=r,
+        last_counter=max(s.last_counter, e.counter),
     )
     # The env is the truth at rest (see _adopt_booted): switch it, then record it, then reboot.
     return done, [MarkActive(other), PersistJournal(done), _result_doc(done, r), Reboot()]
@@ -594,19 +601,19 @@ def _check_index(s: AgentState, index: int) -> None:
         raise RuntimeError(f"chunk {index} out of order (expected {_next_index(_upd(s))})")
 
 
-def _written(s: AgentState, e: ChunkWritten) -> Outcome:
+def _written(s: AgentState, _e: ChunkWritten) -> Outcome:
     u = _upd(s)
     return _with_update(s, Phase.DOWNLOADING, replace(u, pending=u.pending + 1)), []
 
 
-def _checkpoint(s: AgentState, e: ChunkWritten) -> Outcome:
+def _checkpoint(s: AgentState, _e: ChunkWritten) -> Outcome:
     u = _upd(s)
     u = replace(u, written=_next_index(u) + 1, pending=0, attempts=0, fetch_failures=0)
     s = _with_update(s, Phase.DOWNLOADING, u)
     return s, [SyncSlot(u.plan.target_slot), PersistJournal(s), _event_doc(s, chunk=u.written)]
 
 
-def _verify(s: AgentState, e: ChunkWritten) -> Outcome:
+def _verify(s: AgentState, _e: ChunkWritten) -> Outcome:
     u = _upd(s)
     u = replace(u, written=len(u.plan.chunks), pending=0, attempts=0, fetch_failures=0)
     s = _with_update(s, Phase.VERIFYING, u)
@@ -665,7 +672,9 @@ def _undo_failed(s: AgentState, e: MigrationsFailed) -> Outcome:
         PersistJournal(s),
         Publish({"type": "error", "code": e.code, "message": e.message}),
     ]
-    again, more = _revert_from(s, u.failure or Result("reverted"), booted_target=_booted_target(s, e))
+    again, more = _revert_from(
+        s, u.failure or Result("reverted"), booted_target=_booted_target(s, e)
+    )
     return again, cmds + more[1:]
 
 
@@ -767,7 +776,13 @@ EDGES: tuple[Edge, ...] = (
     Edge(_one(P.REVERTING), MigrationsFailed, _booted_target, P.REVERTING, _undo_failed),
     Edge(_one(P.REVERTING), MigrationsFailed, _booted_primary, P.REVERTED, _undo_failed),
     Edge(_one(P.REVERTING), EnvWriteFailed, _booted_target, P.REVERTING, _revert_env_failed),
-    Edge(_one(P.REVERTING), EnvWriteFailed, _booted_primary, P.REVERTED, _revert_env_failed_on_primary),
+    Edge(
+        _one(P.REVERTING),
+        EnvWriteFailed,
+        _booted_primary,
+        P.REVERTED,
+        _revert_env_failed_on_primary,
+    ),
     Edge(RESTING, EnvWriteFailed, _always, SAME, _warn),
 )
 
@@ -782,7 +797,11 @@ def step(state: AgentState, event: Event) -> Outcome:
     if isinstance(event, ChunkFetched | ChunkWritten) and state.update is not None:
         _check_index(state, event.index)
     for edge in EDGES:
-        if state.phase in edge.source and isinstance(event, edge.event) and edge.guard(state, event):
+        if (
+            state.phase in edge.source
+            and isinstance(event, edge.event)
+            and edge.guard(state, event)
+        ):
             new, commands = edge.action(state, event)
             expected = state.phase if edge.target is None else edge.target
             if new.phase is not expected:

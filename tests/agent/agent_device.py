@@ -22,7 +22,12 @@ from agent.runtime import Agent, AgentConfig, MemorySource
 from agent.selftest import Check, SelfTestRunner
 from firmware_bundles.delta import encode_delta, encode_full
 
-SLOT_A, SLOT_B, ENV, JOURNAL = "/dev/slot-a", "/dev/slot-b", "/boot/uboot.env", "/data/agent/journal.json"
+SLOT_A, SLOT_B, ENV, JOURNAL = (
+    "/dev/slot-a",
+    "/dev/slot-b",
+    "/boot/uboot.env",
+    "/data/agent/journal.json",
+)
 CAPACITY = 64 * 1024
 CHUNK = 8 * 1024
 
@@ -167,14 +172,18 @@ class Device:
             sources=lambda bid: MemorySource(sources[bid]) if bid in sources else None,
         )
 
-    async def boot(self, sources: dict[str, tuple[bytes, ...]], install: Bundle | None = None) -> str:
+    async def boot(
+        self, sources: dict[str, tuple[bytes, ...]], install: Bundle | None = None
+    ) -> str:
         """One power-on: bootloader, then (if the image runs) the agent. Returns what happened."""
         self.sizes.add(len(self.factory))
         slot = SimBootloader(RedundantEnv(ENV, fs=self.fs)).boot()
         self.boots.append(slot)
         sha, what = self.identify(slot)
         if sha is None:
-            self.bricked.append(f"boot {len(self.boots)}: slot {slot.value} holds no verified image")
+            self.bricked.append(
+                f"boot {len(self.boots)}: slot {slot.value} holds no verified image"
+            )
             return "bricked"
         if what == "never_boots":
             return "watchdog"
@@ -191,7 +200,11 @@ class Device:
         return asyncio.run(self.arun(bundle, max_boots=max_boots))
 
     async def arun(
-        self, bundle: Bundle | None, *, max_boots: int = 16, cut_after: int | None = None,
+        self,
+        bundle: Bundle | None,
+        *,
+        max_boots: int = 16,
+        cut_after: int | None = None,
         mode: str = "drop",
     ) -> str:
         sources = {bundle.release.bundle_id: bundle.chunks} if bundle else {}

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from agent_device import SLOT_A, SLOT_B, Device, derived, image, make_bundle
 
 from agent.adapters.bootenv import RedundantEnv, env_view
+from agent.core.events import CancelRequested, RollbackRequested
 from agent.core.states import BootSlot, BootState, ChunkSpec, Phase
 from agent.runtime import MemorySource
 from agent.selftest import CommandMigrations
@@ -23,6 +26,8 @@ from agent.verify import BundleVerifier
 from firmware_bundles.bundle import build_bundle
 from firmware_bundles.commands import Action, sign_command
 from firmware_bundles.keys import SigningKey
+from firmware_bundles.manifest import Manifest
+from firmware_bundles.slb import SlbReader
 from firmware_bundles.trust import Role, TrustStore, make_root, sign_root
 
 ENV = "/boot/uboot.env"
@@ -43,14 +48,17 @@ def assert_safe(dev: Device, code: str | None) -> None:
     agent = dev.last_agent
     assert agent is not None
     st = agent.state
-    assert dev.boots[-1] is BootSlot.A and st.primary is BootSlot.A
+    assert dev.boots[-1] is BootSlot.A
+    assert st.primary is BootSlot.A
     assert dev.fs.content(SLOT_A)[: len(OLD)] == OLD  # active slot untouched
     env = env_view(RedundantEnv(ENV, fs=dev.fs).read())
-    assert env.boot_part is BootSlot.A and not env.upgrade_available
+    assert env.boot_part is BootSlot.A
+    assert not env.upgrade_available
     assert st.slot(BootSlot.B).state is not BootState.GOOD
     assert not st.phase.busy
     if code is not None:
-        assert st.last_result is not None and st.last_result.code == code, st.last_result
+        assert st.last_result is not None
+        assert st.last_result.code == code, st.last_result
     # ready for the next update
     good = make_bundle(NEWER, version="3.0", secver=2)
     assert dev.run(good) == "settled"
@@ -120,7 +128,7 @@ def test_io_error_on_inactive_slot_fails_cleanly() -> None:
 def test_readonly_medium_midway_fails_cleanly() -> None:
     dev = device()
     dev.fs.readonly_after_n_writes = 3
-    with pytest.raises(Exception, match="journal|read-only"):
+    with pytest.raises(Exception, match=r"journal|read-only"):
         dev.run(make_bundle(NEW, version="2.0"))
     # the agent halted rather than act without a journal; after the medium recovers it carries on
     dev.fs.readonly_after_n_writes = None
@@ -132,7 +140,7 @@ def test_readonly_medium_midway_fails_cleanly() -> None:
 def test_corrupt_chunks_are_refetched_then_the_update_fails() -> None:
     dev = device()
     b = make_bundle(NEW, version="2.0")
-    bad = replace(b, chunks=(b"\0" * len(b.chunks[0]),) + b.chunks[1:])
+    bad = replace(b, chunks=(b"\x00" * len(b.chunks[0]), *b.chunks[1:]))
     assert dev.run(bad) == "settled"
     assert_safe(dev, "bundle.digest_mismatch")
 
@@ -176,18 +184,26 @@ def test_security_version_rollback_is_rejected() -> None:
     old = make_bundle(NEWER, version="3.0", secver=4)
     assert dev.run(old) == "settled"
     r = dev.last_agent.state.last_result
-    assert r.outcome == "rejected" and r.code == "bundle.version_rollback"
+    assert r.outcome == "rejected"
+    assert r.code == "bundle.version_rollback"
     assert dev.last_agent.state.version == "2.0"
 
 
 def test_oversized_chunk_table_is_rejected() -> None:
     dev = device()
     b = make_bundle(NEW, version="2.0")
-    huge = replace(b, release=replace(b.release, target_size=10**9,
-                                      chunks=b.release.chunks + (ChunkSpec(1, "0" * 64, 10**9 - len(NEW)),)))
+    huge = replace(
+        b,
+        release=replace(
+            b.release,
+            target_size=10**9,
+            chunks=(*b.release.chunks, ChunkSpec(1, "0" * 64, 10**9 - len(NEW))),
+        ),
+    )
     assert dev.run(huge) == "settled"
     r = dev.last_agent.state.last_result
-    assert r.outcome == "rejected" and r.code == "slot.too_small"
+    assert r.outcome == "rejected"
+    assert r.code == "slot.too_small"
 
 
 def test_migration_failure_reverts_and_is_undone() -> None:
@@ -203,9 +219,7 @@ def test_migration_failure_reverts_and_is_undone() -> None:
         undo_argv=("sh", "-c", f"rm -f {marker}"),
     )
     assert dev.run(make_bundle(NEW, version="2.0")) == "settled"
-    import os
-
-    assert not os.path.exists(marker)
+    assert not Path(marker).exists()
     del log, Hooks
     dev.migrations = None
     assert_safe(dev, "migration.failed")
@@ -216,7 +230,8 @@ def test_killed_during_install_resumes() -> None:
     b = make_bundle(NEW, version="2.0")
     # cut power in the middle of the download (after a checkpoint)
     end = asyncio.run(dev.arun(b, cut_after=25))
-    assert end == "settled" and dev.cuts == 1
+    assert end == "settled"
+    assert dev.cuts == 1
     assert dev.last_agent.state.version == "2.0"
 
 
@@ -233,8 +248,6 @@ def test_cancel_during_download_abandons_cleanly() -> None:
     async def go():
         await dev.boot({}, None)
         agent = dev.last_agent
-        from agent.core.events import CancelRequested
-
         task = asyncio.create_task(agent.install(b.release, SlowSource()))
         await asyncio.sleep(0.08)
         await agent._feed(CancelRequested())
@@ -255,42 +268,52 @@ NOW = 1_800_000_000
 
 def _trust() -> TrustStore:
     root = make_root(
-        version=1, expires=NOW + 10**6,
-        role_keys={Role.ROOT: [KEYS[0].public], Role.RELEASE: [KEYS[1].public],
-                   Role.COMMAND: [KEYS[2].public]},
+        version=1,
+        expires=NOW + 10**6,
+        role_keys={
+            Role.ROOT: [KEYS[0].public],
+            Role.RELEASE: [KEYS[1].public],
+            Role.COMMAND: [KEYS[2].public],
+        },
     )
     return TrustStore.from_root_bytes(sign_root(root, [KEYS[0]]))
 
 
 @pytest.fixture(scope="module")
 def signed_manifest(tmp_path_factory):
-    from firmware_bundles import canonical
-
     d = tmp_path_factory.mktemp("slb")
     (d / "new.img").write_bytes(NEW)
-    build_bundle(d / "new.img", d / "u.slb", release_keys=[KEYS[1]], version="2.0",
-                 hardware=["board-x"], now=NOW, security_version=1, chunk_out_size=8192)
-    from firmware_bundles.slb import SlbReader
+    build_bundle(
+        d / "new.img",
+        d / "u.slb",
+        release_keys=[KEYS[1]],
+        version="2.0",
+        hardware=["board-x"],
+        now=NOW,
+        security_version=1,
+        chunk_out_size=8192,
+    )
 
-    import json
-
-    from firmware_bundles.manifest import Manifest
-
-    with open(d / "u.slb", "rb") as f:
+    with (d / "u.slb").open("rb") as f:
         reader = SlbReader(f)
         header = reader.read_header()
         manifest = json.loads(header.manifest)
         entries = Manifest.from_signed(manifest["signed"]).payload.chunks
         chunks = tuple(reader.iter_chunks(entries))
-    del canonical
     return manifest, chunks
 
 
 def _cmd(signed, *, device="dev-1", counter=1, issued=NOW, expires=None, key=KEYS[2]) -> bytes:
     manifest = signed[0]
-    return sign_command([key], device=device, counter=counter, action=Action.INSTALL,
-                        args={"bundle_id": manifest["signed"]["bundle_id"], "manifest": manifest},
-                        issued=issued, expires=expires)
+    return sign_command(
+        [key],
+        device=device,
+        counter=counter,
+        action=Action.INSTALL,
+        args={"bundle_id": manifest["signed"]["bundle_id"], "manifest": manifest},
+        issued=issued,
+        expires=expires,
+    )
 
 
 @pytest.mark.parametrize(
@@ -323,7 +346,6 @@ def test_bad_command_is_rejected_and_touches_nothing(signed_manifest, kw, code) 
 def test_good_signed_command_installs(signed_manifest) -> None:
     dev = device()
     verifier = BundleVerifier(_trust(), device_id="dev-1", hardware="board-x")
-    from firmware_bundles.bundle import open_bundle  # noqa: F401
 
     async def go():
         await dev.boot({}, None)
@@ -348,9 +370,11 @@ def test_good_signed_command_installs(signed_manifest) -> None:
     agent = asyncio.run(go())
     assert agent.state.last_result.code == "transfer.error"  # no source without a transport
     agent = asyncio.run(go2())
-    assert agent.rebooting and agent.state.last_counter == 7
+    assert agent.rebooting
+    assert agent.state.last_counter == 7
     asyncio.run(dev.boot({bid: chunks}, None))
-    assert dev.boots[-1] is BootSlot.B and dev.last_agent.state.version == "2.0"
+    assert dev.boots[-1] is BootSlot.B
+    assert dev.last_agent.state.version == "2.0"
     assert dev.last_agent.state.phase is Phase.COMMITTED
 
 
@@ -379,13 +403,12 @@ def test_fleet_rollback_returns_to_the_good_old_slot() -> None:
 
     async def go():
         await dev.boot({}, None)
-        from agent.core.events import RollbackRequested
-
         await dev.last_agent._feed(RollbackRequested(counter=3))
         return dev.last_agent
 
     agent = asyncio.run(go())
     assert agent.rebooting
     assert dev.run(None) == "settled"
-    assert dev.boots[-1] is BootSlot.A and dev.last_agent.state.version == "1.0"
+    assert dev.boots[-1] is BootSlot.A
+    assert dev.last_agent.state.version == "1.0"
     assert dev.last_agent.state.last_result.outcome == "rolled_back"

@@ -46,9 +46,11 @@ def test_python_env_and_fw_setenv_read_each_others_writes(tmp_path) -> None:
     fw, env_file = _fw(tmp_path)
     fw.write(env_changes(SetBootOnce(BootSlot.B)))
     py = RedundantEnv(str(env_file), copy_size=SIZE)
-    assert env_view(py.read()).boot_part is BootSlot.B and env_view(py.read()).upgrade_available
+    assert env_view(py.read()).boot_part is BootSlot.B
+    assert env_view(py.read()).upgrade_available
     py.write({"bootcount": "1"})
-    assert fw.read()["bootcount"] == "1" and fw.read()["boot_part"] == "b"
+    assert fw.read()["bootcount"] == "1"
+    assert fw.read()["boot_part"] == "b"
     fw.write(env_changes(MarkGood(BootSlot.B)))
     assert py.read()["upgrade_available"] == "0"
     # the simulated bootloader boots from what fw_setenv wrote
@@ -68,7 +70,8 @@ def test_fw_env_corrupt_newest_copy_falls_back_one_write(tmp_path) -> None:
     raw[newest * SIZE + 40] ^= 0xFF  # tear it
     env_file.write_bytes(bytes(raw))
     # half-written trial never starts: both readers see the previous env
-    assert fw.read()["upgrade_available"] == "0" and fw.read()["boot_part"] == "a"
+    assert fw.read()["upgrade_available"] == "0"
+    assert fw.read()["boot_part"] == "a"
     py = RedundantEnv(str(env_file), copy_size=SIZE)
     assert SimBootloader(py).boot() is BootSlot.A
 
@@ -108,7 +111,10 @@ def test_torn_env_write_is_never_a_half_trial() -> None:
             after = RedundantEnv("/boot/env", fs=fs.crash(mode)).read()
             view = env_view(after)
             # either the whole trial (boot_part=b AND upgrade_available=1 AND bootcount=0) or none
-            assert (view.boot_part, view.upgrade_available) in ((BootSlot.A, False), (BootSlot.B, True))
+            assert (view.boot_part, view.upgrade_available) in (
+                (BootSlot.A, False),
+                (BootSlot.B, True),
+            )
 
 
 def test_uboot_bootcount_and_altbootcmd_semantics() -> None:
@@ -123,7 +129,9 @@ def test_uboot_bootcount_and_altbootcmd_semantics() -> None:
     assert env.read()["bootcount"] == "2"
     assert loader.boot() is BootSlot.A  # 3 > bootlimit 2: altbootcmd
     e = env_view(env.read())
-    assert e.boot_part is BootSlot.A and not e.upgrade_available and e.bootcount == 3
+    assert e.boot_part is BootSlot.A
+    assert not e.upgrade_available
+    assert e.bootcount == 3
     assert loader.boot() is BootSlot.A  # bootcount reads as 0 now: no alt loop
     env.write(env_changes(MarkBad(BootSlot.B)))
     assert env_view(env.read()).bootcount == 0
@@ -150,7 +158,8 @@ def test_grub_env_roundtrip_and_atomic_replace(tmp_path) -> None:
     (tmp_path / ".grubenv.new").write_bytes(b"# GRUB Environment Block\nboot_part=a")
     assert g.read()["boot_part"] == "b"
     g.write({"bootcount": "1"})
-    assert g.read()["bootcount"] == "1" and g.read()["boot_part"] == "b"
+    assert g.read()["bootcount"] == "1"
+    assert g.read()["boot_part"] == "b"
 
 
 @needs_grub

@@ -23,7 +23,9 @@ DATA = Path(__file__).parent / "data"
 
 def _state() -> AgentState:
     s = AgentState.initial(BootSlot.A, SlotInfo(BootState.GOOD, "1.0", "0" * 64, 200))
-    return replace(s, security_version=2, last_result=Result("failed", "slot.io_error", "x", "b", "2"))
+    return replace(
+        s, security_version=2, last_result=Result("failed", "slot.io_error", "x", "b", "2")
+    )
 
 
 def test_journal_roundtrip() -> None:
@@ -34,10 +36,15 @@ def test_journal_roundtrip() -> None:
 
 def test_journal_from_schema_1_loads_and_resumes() -> None:
     s = decode((DATA / "journal_v1.json").read_bytes())
-    assert s.phase is Phase.DOWNLOADING and s.update is not None
-    assert s.update.written == 1 and s.update.migrated is False and s.update.fetch_failures == 0
-    assert s.update.plan.chunks[1].offset == 100 and s.update.plan.rollout == "r1"
-    assert s.slot(BootSlot.A).version == "1.0" and s.security_version == 2
+    assert s.phase is Phase.DOWNLOADING
+    assert s.update is not None
+    assert s.update.written == 1
+    assert s.update.migrated is False
+    assert s.update.fetch_failures == 0
+    assert s.update.plan.chunks[1].offset == 100
+    assert s.update.plan.rollout == "r1"
+    assert s.slot(BootSlot.A).version == "1.0"
+    assert s.security_version == 2
     assert decode(encode(s)) == persisted(s)  # and it saves as the current schema
 
 
@@ -70,7 +77,8 @@ def test_journal_save_is_atomic_under_every_cut() -> None:
                 pass
             got = FileJournal("/data/j.json", fs=fs.crash(mode)).load()
             assert got in (old, new), (k, mode, got)
-    assert total is not None and total <= 6
+    assert total is not None
+    assert total <= 6
 
 
 def test_file_slots_are_sparse_and_the_booted_one_is_never_writable(tmp_path) -> None:
@@ -79,7 +87,8 @@ def test_file_slots_are_sparse_and_the_booted_one_is_never_writable(tmp_path) ->
     slots = FileSlots(str(a), str(b), booted=BootSlot.A, capacity=64 << 20)
     slots.write(BootSlot.B, 1 << 20, b"new")
     slots.sync(BootSlot.B)
-    assert b.stat().st_size == 64 << 20 and b.stat().st_blocks * 512 < 1 << 20  # sparse
+    assert b.stat().st_size == 64 << 20
+    assert b.stat().st_blocks * 512 < 1 << 20
     with pytest.raises(ActiveSlotWrite):
         slots.write(BootSlot.A, 0, b"x")
     with pytest.raises(ActiveSlotWrite):
@@ -97,8 +106,9 @@ def test_file_slots_are_sparse_and_the_booted_one_is_never_writable(tmp_path) ->
 def _loop(path: Path) -> str | None:
     if os.geteuid() != 0 or shutil.which("losetup") is None:
         return None
-    done = subprocess.run(["losetup", "-f", "--show", str(path)], capture_output=True, text=True,
-                          check=False)
+    done = subprocess.run(
+        ["losetup", "-f", "--show", str(path)], capture_output=True, text=True, check=False
+    )
     return done.stdout.strip() if done.returncode == 0 else None
 
 

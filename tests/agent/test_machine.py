@@ -53,11 +53,15 @@ CLEAN = EnvView(A, upgrade_available=False, bootcount=0)
 
 
 def release(**kw) -> Release:
-    base = dict(
-        bundle_id="b1", version="2.0", security_version=3, target_size=300, target_sha256=NEW_SHA,
-        kind=PayloadKind.FULL,
-        chunks=tuple(ChunkSpec(len(d), hashlib.sha256(d).hexdigest(), 100) for d in DATA),
-    )
+    base = {
+        "bundle_id": "b1",
+        "version": "2.0",
+        "security_version": 3,
+        "target_size": 300,
+        "target_sha256": NEW_SHA,
+        "kind": PayloadKind.FULL,
+        "chunks": tuple(ChunkSpec(len(d), hashlib.sha256(d).hexdigest(), 100) for d in DATA),
+    }
     base.update(kw)
     return Release(**base)
 
@@ -73,17 +77,22 @@ def started() -> AgentState:
 
 
 def plan(state: AgentState | None = None, **kw):
-    return make_install_plan(release(**kw), state or started(), target_capacity=1000, checkpoint_bytes=200)
+    return make_install_plan(
+        release(**kw), state or started(), target_capacity=1000, checkpoint_bytes=200
+    )
 
 
 def downloaded() -> AgentState:
     s, cmds = step(started(), InstallRequested(plan(), counter=5))
-    assert isinstance(cmds[0], PersistJournal) and isinstance(cmds[-1], FetchChunks)
+    assert isinstance(cmds[0], PersistJournal)
+    assert isinstance(cmds[-1], FetchChunks)
     for i, d in enumerate(DATA):
         s, cmds = step(s, ChunkFetched(i, d))
-        assert isinstance(cmds[0], WriteChunk) and cmds[0].slot is B
+        assert isinstance(cmds[0], WriteChunk)
+        assert cmds[0].slot is B
         s, cmds = step(s, ChunkWritten(i))
-    assert s.phase is Phase.VERIFYING and isinstance(cmds[-1], VerifySlot)
+    assert s.phase is Phase.VERIFYING
+    assert isinstance(cmds[-1], VerifySlot)
     return s
 
 
@@ -101,21 +110,27 @@ def trial_env(n=1) -> EnvView:
 
 def test_full_happy_path_commits_and_raises_floor_once() -> None:
     s, cmds = step(staged(), Booted(B, trial_env()))
-    assert s.phase is Phase.TRIAL_BOOT and s.update.migrated
+    assert s.phase is Phase.TRIAL_BOOT
+    assert s.update.migrated
     s, cmds = step(s, MigrationsDone())
-    assert s.phase is Phase.SELF_TEST and isinstance(cmds[-1], RunSelfTest)
+    assert s.phase is Phase.SELF_TEST
+    assert isinstance(cmds[-1], RunSelfTest)
     before = s.security_version
     s, cmds = step(s, SelfTestPassed())
     assert before == 0
-    assert s.phase is Phase.COMMITTED and s.primary is B and s.security_version == 3
+    assert s.phase is Phase.COMMITTED
+    assert s.primary is B
+    assert s.security_version == 3
     kinds = [type(c) for c in cmds]
     # persist "committing" -> env says good -> persist committed -> floor in env
     assert kinds[:4] == [PersistJournal, MarkGood, PersistJournal, RaiseSecurityVersion]
-    assert cmds[0].state.phase is Phase.COMMITTING and cmds[0].state.security_version == 0
+    assert cmds[0].state.phase is Phase.COMMITTING
+    assert cmds[0].state.security_version == 0
     # idempotent: a start after the commit re-asserts the same floor, never lowers it
     s2, cmds2 = step(s, Booted(B, EnvView(B, False, 0, security_version=3)))
-    assert s2.security_version == 3 and not any(isinstance(c, RaiseSecurityVersion) for c in cmds2)
-    s3, cmds3 = step(s, Booted(B, EnvView(B, False, 0, security_version=1)))
+    assert s2.security_version == 3
+    assert not any(isinstance(c, RaiseSecurityVersion) for c in cmds2)
+    _s3, cmds3 = step(s, Booted(B, EnvView(B, False, 0, security_version=1)))
     assert any(isinstance(c, RaiseSecurityVersion) and c.value == 3 for c in cmds3)
     s4, _ = step(s, Booted(B, EnvView(B, False, 0, security_version=9)))
     assert s4.security_version == 9
@@ -125,11 +140,16 @@ def test_self_test_failure_reverts_and_never_raises_floor() -> None:
     s, _ = step(staged(), Booted(B, trial_env()))
     s, _ = step(s, MigrationsDone())
     s, cmds = step(s, SelfTestFailed("selftest.failed", "nope"))
-    assert s.phase is Phase.REVERTING and s.security_version == 0
-    assert any(isinstance(c, MarkBad) and c.slot is B for c in cmds) and isinstance(cmds[-1], Reboot)
+    assert s.phase is Phase.REVERTING
+    assert s.security_version == 0
+    assert any(isinstance(c, MarkBad) and c.slot is B for c in cmds)
+    assert isinstance(cmds[-1], Reboot)
     s, _ = step(s, Booted(A, EnvView(A, False, 0)))
-    assert s.phase is Phase.REVERTED and s.primary is A and s.last_result.code == "selftest.failed"
-    assert s.slot(B).state is BootState.BAD and s.security_version == 0
+    assert s.phase is Phase.REVERTED
+    assert s.primary is A
+    assert s.last_result.code == "selftest.failed"
+    assert s.slot(B).state is BootState.BAD
+    assert s.security_version == 0
 
 
 @pytest.mark.parametrize("phase", [Phase.TRIAL_BOOT, Phase.SELF_TEST])
@@ -137,12 +157,13 @@ def test_boot_loop_on_new_slot_ends_in_revert(phase) -> None:
     s, _ = step(staged(), Booted(B, trial_env()))
     s = replace(s, phase=phase)
     for n in range(2, 20):
-        s, cmds = step(s, Booted(B, trial_env(n)))
+        s, _cmds = step(s, Booted(B, trial_env(n)))
         assert s.update is None or s.update.attempts <= MAX_ATTEMPTS
         if s.phase is Phase.REVERTING:
             break
         s = replace(s, phase=phase)
-    assert s.phase is Phase.REVERTING and n <= MAX_ATTEMPTS + 1
+    assert s.phase is Phase.REVERTING
+    assert n <= MAX_ATTEMPTS + 1
     assert s.update.failure.code == "boot.loop"
 
 
@@ -152,12 +173,14 @@ def test_crash_loop_during_download_gives_up() -> None:
         s, _ = step(s, Booted(A, CLEAN))
         if s.phase is Phase.FAILED:
             break
-    assert s.phase is Phase.FAILED and s.last_result.code == "agent.no_progress"
+    assert s.phase is Phase.FAILED
+    assert s.last_result.code == "agent.no_progress"
 
 
 def test_staged_fallback_is_detected_from_bootcount() -> None:
     s, _ = step(staged(), Booted(A, EnvView(A, False, 4)))
-    assert s.phase is Phase.REVERTED and s.last_result.code == "boot.fallback"
+    assert s.phase is Phase.REVERTED
+    assert s.last_result.code == "boot.fallback"
 
 
 def test_staged_switch_that_never_landed_is_retried_then_abandoned() -> None:
@@ -167,7 +190,8 @@ def test_staged_switch_that_never_landed_is_retried_then_abandoned() -> None:
         if s.phase is not Phase.STAGED:
             break
         assert isinstance(cmds[1], SetBootOnce)
-    assert s.phase is Phase.FAILED and s.primary is A
+    assert s.phase is Phase.FAILED
+    assert s.primary is A
 
 
 def test_corrupt_chunk_is_never_written() -> None:
@@ -208,7 +232,8 @@ def test_chunk_out_of_order_raises() -> None:
 def test_install_while_busy_is_refused_without_state_change() -> None:
     s, _ = step(started(), InstallRequested(plan()))
     s2, cmds = step(s, InstallRequested(plan(state=started())))
-    assert s2 == s and cmds[0].event["code"] == "agent.busy"
+    assert s2 == s
+    assert cmds[0].event["code"] == "agent.busy"
     with pytest.raises(AgentBusy):
         make_install_plan(release(), s, target_capacity=1000)
 
@@ -220,18 +245,24 @@ def test_plan_checks() -> None:
     with pytest.raises(SlotTooSmall):
         make_install_plan(release(), started(), target_capacity=299)
     with pytest.raises(BaseMismatch):
-        make_install_plan(release(kind=PayloadKind.DELTA, base_sha256="1" * 64), started(), target_capacity=1000)
+        make_install_plan(
+            release(kind=PayloadKind.DELTA, base_sha256="1" * 64), started(), target_capacity=1000
+        )
     with pytest.raises(FormatInvalid):
         make_install_plan(release(target_size=301), started(), target_capacity=1000)
     with pytest.raises(AlreadyInstalled):
         make_install_plan(release(target_sha256=OLD_SHA), started(), target_capacity=1000)
-    p = make_install_plan(release(kind=PayloadKind.DELTA, base_sha256=OLD_SHA), started(), target_capacity=1000)
-    assert p.base_slot is A and p.target_slot is B and [c.offset for c in p.chunks] == [0, 100, 200]
+    p = make_install_plan(
+        release(kind=PayloadKind.DELTA, base_sha256=OLD_SHA), started(), target_capacity=1000
+    )
+    assert p.base_slot is A
+    assert p.target_slot is B
+    assert [c.offset for c in p.chunks] == [0, 100, 200]
 
 
 def test_target_slot_is_marked_unusable_before_its_first_byte() -> None:
     st = started().with_slot(B, SlotInfo(BootState.GOOD, "0.9", "9" * 64, 10))
-    s, cmds = step(st, InstallRequested(plan(state=st)))
+    _s, cmds = step(st, InstallRequested(plan(state=st)))
     assert cmds[0].state.slot(B).state is not BootState.GOOD
 
 

@@ -128,7 +128,8 @@ class CoreMachine(RuleBasedStateMachine):
             return None
         if isinstance(cmd, C.WriteChunk):
             assert cmd.slot is not self.booted, "wrote the booted slot"
-            assert w.journal is not None and cmd.slot is not w.journal.primary, "wrote primary"
+            assert w.journal is not None
+            assert cmd.slot is not w.journal.primary, "wrote primary"
             if self.fail_writes:
                 return ("fail", WriteFailed("slot.io_error", "model"))
             c = w.volatile[cmd.slot]
@@ -182,14 +183,21 @@ class CoreMachine(RuleBasedStateMachine):
                     e["upgrade_available"] = False
             slot: BootSlot = e["boot_part"]  # type: ignore[assignment]
             sha = self._content_sha(slot, self.w.durable)
-            assert sha is not None and sha in self.w.images, f"booted slot {slot} holds no image"
+            assert sha is not None, f"booted slot {slot} holds no image"
+            assert sha in self.w.images, f"booted slot {slot} holds an unknown image"
             if self.w.images[sha].behaviour == "never_boots":
                 continue  # watchdog reset
             self.booted = slot
-            state = self.w.journal or AgentState.initial(slot, SlotInfo(BootState.GOOD, "0", FACTORY, 1))
+            state = self.w.journal or AgentState.initial(
+                slot, SlotInfo(BootState.GOOD, "0", FACTORY, 1)
+            )
             self.agent = state
-            view = EnvView(slot, bool(e["upgrade_available"]), int(e["bootcount"]),  # type: ignore[call-overload]
-                           int(e["secver"]))  # type: ignore[call-overload]
+            view = EnvView(
+                slot,
+                bool(e["upgrade_available"]),
+                int(e["bootcount"]),  # type: ignore[call-overload]
+                int(e["secver"]),
+            )  # type: ignore[call-overload]
             self._feed(Booted(slot, view))
             return
         raise AssertionError("boot loop never reached a running image")
@@ -197,15 +205,24 @@ class CoreMachine(RuleBasedStateMachine):
     # -- rules ----------------------------------------------------------------------------
 
     @precondition(lambda self: self.agent is not None and not self.agent.phase.busy)
-    @rule(behaviour=st.sampled_from(["good", "good", "fails", "never_boots"]),
-          secver=st.integers(0, 3))
+    @rule(
+        behaviour=st.sampled_from(["good", "good", "fails", "never_boots"]),
+        secver=st.integers(0, 3),
+    )
     def install(self, behaviour: str, secver: int) -> None:
         assert self.agent is not None
         self.n += 1
         chunks = [_data(self.n, i) for i in range(3)]
         sha = hashlib.sha256(b"image-%d" % self.n).hexdigest()
-        rel = Release(f"b{self.n}", str(self.n), secver, 30, sha, PayloadKind.FULL,
-                      tuple(ChunkSpec(len(c), hashlib.sha256(c).hexdigest(), 10) for c in chunks))
+        rel = Release(
+            f"b{self.n}",
+            str(self.n),
+            secver,
+            30,
+            sha,
+            PayloadKind.FULL,
+            tuple(ChunkSpec(len(c), hashlib.sha256(c).hexdigest(), 10) for c in chunks),
+        )
         self.w.releases[rel.bundle_id] = (rel, chunks)
         self.w.images[sha] = _Img(sha, behaviour)
         try:
@@ -268,7 +285,8 @@ class CoreMachine(RuleBasedStateMachine):
     @rule(index=st.integers(0, 2))
     def bit_rot_in_the_target_slot(self, index: int) -> None:
         """A chunk already written goes bad on the medium (caught only by the read-back)."""
-        assert self.agent is not None and self.agent.update is not None
+        assert self.agent is not None
+        assert self.agent.update is not None
         target = self.agent.update.plan.target_slot
         for which in (self.w.volatile, self.w.durable):
             c = which[target]
@@ -323,7 +341,8 @@ class CoreMachine(RuleBasedStateMachine):
         if e["upgrade_available"]:
             fallback = nxt.other
             sha = self._content_sha(fallback, self.w.durable)
-            assert sha in self.w.images and self.w.images[sha].behaviour != "never_boots"
+            assert sha in self.w.images
+            assert self.w.images[sha].behaviour != "never_boots"
 
     @invariant()
     def journal_primary_holds_a_verified_image(self) -> None:

@@ -13,6 +13,7 @@ the same update again to the expected end.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 
 import pytest
@@ -74,8 +75,6 @@ def _replay(kind: str, behaviour: str) -> tuple[int, int, list[str]]:
     total = ref.fs.ops - before
     cuts = bricked = 0
     failures: list[str] = []
-    import asyncio
-
     for mode in ("drop", "tear", "keep"):
         for k in range(1, total + 1):
             dev = fresh()
