@@ -281,7 +281,7 @@ class ReleaseStore:
 
     # ------------------------------------------------------------------ catalogue
 
-    def list(self) -> list[dict[str, Any]]:
+    def list_releases(self) -> list[dict[str, Any]]:
         """Every release, oldest first."""
         with self.svc.sessions() as s:
             q = select(m.Release).order_by(m.Release.uploaded_at, m.Release.bundle_id)

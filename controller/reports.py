@@ -145,8 +145,8 @@ class Reports:
                     values["online"] = online.pop(device_id)
                 values["id"] = device_id
                 by_keys.setdefault(tuple(sorted(values)), []).append(values)
-            for rows in by_keys.values():
-                s.execute(update(m.Device), rows)
+            for batch in by_keys.values():
+                s.execute(update(m.Device), batch)
             for device_id, flag in online.items():
                 s.execute(
                     update(m.Device)
@@ -158,16 +158,16 @@ class Reports:
             if not events:
                 return
             ids = sorted({d for d, _ in events})
-            rows: dict[str, list[m.RolloutDevice]] = {}
+            active: dict[str, list[m.RolloutDevice]] = {}
             for i in range(0, len(ids), 500):
                 q = select(m.RolloutDevice).where(
                     m.RolloutDevice.device_id.in_(ids[i : i + 500]),
                     m.RolloutDevice.state.in_(_ACTIVE),
                 )
                 for rd in s.scalars(q):
-                    rows.setdefault(rd.device_id, []).append(rd)
+                    active.setdefault(rd.device_id, []).append(rd)
             for device_id, event in events:
-                self._event(s, rows.get(device_id, []), device_id, event, now)
+                self._event(s, active.get(device_id, []), device_id, event, now)
 
     @staticmethod
     def _reconcile(s: Any, states: dict[str, dict[str, Any]], now: float) -> None:

@@ -225,7 +225,7 @@ def create_app(service: ControllerService) -> Any:
     def list_releases(request: Request) -> list[dict[str, Any]]:
         """Every release."""
         del request
-        return svc.releases.list()
+        return svc.releases.list_releases()
 
     @app.get(f"{API}/releases/{{bundle_id}}", tags=["releases"])
     @needs(Perm.READ)
@@ -269,7 +269,7 @@ def create_app(service: ControllerService) -> Any:
     def list_rollouts(request: Request) -> list[dict[str, Any]]:
         """Every rollout, newest first."""
         del request
-        return svc.scheduler.list()
+        return svc.scheduler.list_rollouts()
 
     @app.get(f"{API}/rollouts/{{rollout_id}}", tags=["rollouts"])
     @needs(Perm.READ)

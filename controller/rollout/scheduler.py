@@ -130,8 +130,8 @@ class Scheduler:
         check_bundle_id(release_id)
         for x in (*hardware_models, *tags, *sites):
             check_id(x, "target filter")
-        for d in trial_devices:
-            check_device_id(d)
+        for trial_id in trial_devices:
+            check_device_id(trial_id)
         if not 1 <= max_in_flight <= 100_000:
             raise InvalidInput("max_in_flight must be within 1..100000")
         if max_in_flight_per_site is not None and not 1 <= max_in_flight_per_site <= 100_000:
@@ -169,7 +169,8 @@ class Scheduler:
                     code="rollout.empty_target",
                 )
             after_rollout, pending = self._requirement_sources(s, rel, after_rollout)
-            eligible, refused = [], []
+            eligible: list[tuple[m.Device, list[str]]] = []
+            refused: list[tuple[m.Device, list[str]]] = []
             for d in candidates:
                 versions = {**d.versions, **pending}
                 missing = unmet(versions, rel.requires)
@@ -388,7 +389,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ reading
 
-    def list(self) -> list[dict[str, Any]]:
+    def list_rollouts(self) -> list[dict[str, Any]]:
         """Every rollout, newest first, without groups."""
         with self.svc.sessions() as s:
             rows = s.scalars(select(m.Rollout).order_by(m.Rollout.id.desc())).all()
@@ -632,7 +633,7 @@ class Scheduler:
             )
             per_site.update(dict(s.execute(q).tuples().all()))
         open_sites: dict[str, bool] = {}
-        q = (
+        cq = (
             select(
                 m.RolloutDevice.device_id,
                 m.RolloutDevice.site,
@@ -644,7 +645,7 @@ class Scheduler:
             .order_by(m.RolloutDevice.device_id)
         )
         if s.bind is not None and s.bind.dialect.name == "postgresql":
-            q = q.with_for_update(of=m.Device)
+            cq = cq.with_for_update(of=m.Device)
         release = s.get(m.Release, ro.release_id)
         assert release is not None
         plan = self.svc.releases.install_plan(s, release, ro.id)
@@ -653,7 +654,7 @@ class Scheduler:
         unfit: list[dict[str, Any]] = []
         outbox: list[dict[str, Any]] = []
         counters: list[dict[str, Any]] = []
-        for device_id, site, last, digest in s.execute(q).tuples():
+        for device_id, site, last, digest in s.execute(cq).tuples():
             if len(commanded) >= n:
                 break
             if site not in open_sites:

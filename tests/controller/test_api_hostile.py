@@ -28,8 +28,8 @@ def h(svc):
 def _snapshot(svc):
     return (
         svc.list_devices(SYSTEM),
-        svc.releases.list(),
-        svc.scheduler.list(),
+        svc.releases.list_releases(),
+        svc.scheduler.list_rollouts(),
         [t["name"] for t in svc.list_api_tokens()],
         svc.list_sites(),
     )
@@ -77,7 +77,7 @@ def test_huge_upload_is_cut_off_with_4xx_and_leaves_no_file(svc, client, h, data
     )
     assert r.status_code == 413
     assert list((data_dir / "tmp").iterdir()) == []
-    assert svc.releases.list() == []
+    assert svc.releases.list_releases() == []
 
 
 def test_declared_10_gib_upload_is_refused_before_reading(svc, client, h):
@@ -91,7 +91,7 @@ def test_garbage_upload_is_rejected_with_the_bundle_code(svc, client, h, fleet):
     r = client.post("/api/v1/releases", content=os.urandom(4096), headers=h)
     assert r.status_code == 422
     assert r.json()["code"].startswith("bundle.")
-    assert svc.releases.list() == []
+    assert svc.releases.list_releases() == []
 
 
 def test_bundle_signed_by_unknown_key_is_rejected(svc, client, h, fleet, tmp_path):
@@ -108,7 +108,7 @@ def test_bundle_signed_by_unknown_key_is_rejected(svc, client, h, fleet, tmp_pat
     r = client.post("/api/v1/releases", content=out.read_bytes(), headers=h)
     assert r.status_code == 422
     assert r.json()["code"] == "bundle.signature_invalid"
-    assert svc.releases.list() == []
+    assert svc.releases.list_releases() == []
 
 
 @pytest.mark.parametrize(
