@@ -4,8 +4,8 @@ A chunk is self-contained: it decodes from its own bytes plus reads of the base 
 positions it names, into exactly ``out_size`` bytes.
 
 ``FULL``  (tag 0x01): ``stream(new bytes)``.
-``PATCH`` (tag 0x02): ``nwin:uleb | ncov:uleb | stream(windows) | stream(covers) |
-stream(diff) | stream(literals)``.
+``PATCH`` (tag 0x02): ``nwin:uleb | ncov:uleb | nrun:uleb | stream(windows) | stream(covers) |
+stream(zero runs) | stream(value runs) | stream(values) | stream(literals)``.
 
 - *windows* are the base ranges the chunk reads, sorted and disjoint:
   ``nwin`` u64 start gaps (from the previous window's end) then ``nwin`` u32 lengths, each
@@ -15,8 +15,11 @@ stream(diff) | stream(literals)``.
 - *covers* (bsdiff/HDiffPatch style approximate matches), in output order: ``ncov`` u32
   literal-run lengths before the cover, ``ncov`` u32 cover lengths, ``ncov`` u32 zigzag
   deltas of the cover's position in the window (from the previous cover's end), byte planes.
-- *diff*: for each cover, ``new - base`` byte-wise (mod 256); mostly zeros on executables,
-  where shifted addresses change a few bytes per instruction.
+- *diff*: over the covered bytes (all covers in order), ``new - base`` byte-wise (mod 256);
+  mostly zeros on executables, where shifted addresses change a few bytes here and there. It is
+  run-length coded as ``nrun`` pairs (zero-run length, value-run length), each kind in its own
+  stream of LEB128 numbers, plus the values of the value runs; zeros fill the rest. Separate
+  streams compress far better than the raw diff (the zero-run lengths alone are most of it).
 - *literals*: the output bytes not in any cover, in order (the tail after the last cover too).
 """
 
@@ -30,6 +33,11 @@ import numpy as np
 
 from firmware_bundles.codec.streams import decode_stream, get_uvarint
 from firmware_bundles.errors import DeltaCorrupt, SizeExceeded, Truncated
+
+try:  # the C apply loop (setup.py builds it); the numpy path below is the fallback
+    from firmware_bundles.codec import _apply as _native  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - exercised by forcing _native = None in tests
+    _native = None
 
 # Largest out_size a chunk may declare: decoding one chunk holds a few buffers of this size.
 MAX_CHUNK_OUT = 16 << 20
@@ -111,39 +119,43 @@ def _decode_patch(view: memoryview, out_size: int, base: Reader | None) -> bytes
         raise DeltaCorrupt("a delta chunk needs a base image")
     nwin, pos = get_uvarint(view, 1)
     ncov, pos = get_uvarint(view, pos)
-    if nwin > out_size or ncov > out_size:
-        raise DeltaCorrupt("more windows or covers than output bytes")
+    nrun, pos = get_uvarint(view, pos)
+    if max(nwin, ncov, nrun) > out_size:
+        raise DeltaCorrupt("more windows, covers or runs than output bytes")
     wraw, pos = decode_stream(view, pos, nwin * 12)
-    craw, pos = decode_stream(view, pos, ncov * 12)
-    diff, pos = decode_stream(view, pos, out_size)
+    ctrl, pos = decode_stream(view, pos, ncov * 12)
+    zruns, pos = decode_stream(view, pos, nrun * 10)
+    nzruns, pos = decode_stream(view, pos, nrun * 10)
+    values, pos = decode_stream(view, pos, out_size)
     lit, pos = decode_stream(view, pos, out_size)
     if pos != len(view):
         raise DeltaCorrupt("trailing bytes after a delta chunk")
-    if len(wraw) != nwin * 12 or len(craw) != ncov * 12:
+    if len(wraw) != nwin * 12 or len(ctrl) != ncov * 12:
         raise DeltaCorrupt("window or cover table of the wrong size")
+    window = _read_windows(wraw, nwin, out_size, base)
+    if _native is not None:
+        try:
+            return _native.apply_patch(out_size, window, ctrl, ncov, zruns, nzruns, nrun,
+                                       values, lit)
+        except ValueError as e:
+            raise DeltaCorrupt(f"delta chunk inconsistent: {e}") from e
+    return _apply_numpy(np.frombuffer(window, np.uint8), ctrl, ncov, zruns=zruns,
+                        nzruns=nzruns, nrun=nrun, values=values, lit=lit, out_size=out_size)
+
+
+def _read_windows(wraw: bytes, nwin: int, out_size: int, base: Reader) -> bytearray:
+    """Read the chunk's base ranges into one buffer (at most ``2 * out_size`` bytes)."""
     wgap = unplanes(wraw[: nwin * 8], nwin, 8)
     wlen = unplanes(wraw[nwin * 8:], nwin, 4)
-    # Window ends must not overflow int64 and must lie inside the base image.
-    if nwin and (int(wgap.max()) > base.size or int(wlen.max()) > 2 * out_size):
+    if nwin and int(wgap.max()) > base.size:  # keeps the sums below far from int64 limits
         raise DeltaCorrupt("window outside the base image")
-    wstart = np.cumsum(wgap.astype(np.int64)) + np.concatenate(
-        ([0], np.cumsum(wlen[:-1].astype(np.int64))))
     total_win = int(wlen.sum()) if nwin else 0
     if total_win > 2 * out_size:
         raise DeltaCorrupt("delta chunk reads more base than it may")
-    if nwin and int(wstart[-1] + wlen[-1].astype(np.int64)) > base.size:
-        raise DeltaCorrupt("delta chunk reads past the end of the base image")
-    gaps = unplanes(craw[: ncov * 4], ncov, 4).astype(np.int64)
-    lens = unplanes(craw[ncov * 4: ncov * 8], ncov, 4).astype(np.int64)
-    wdelta = unzigzag(unplanes(craw[ncov * 8:], ncov, 4))
-    covered = int(lens.sum())
-    if int(gaps.sum()) + covered > out_size:
-        raise DeltaCorrupt("covers exceed the chunk")
-    if len(diff) != covered or len(lit) != out_size - covered:
-        raise DeltaCorrupt("diff or literal stream of the wrong size")
-    wpos = np.cumsum(wdelta) + (np.cumsum(lens) - lens)
-    if ncov and (int(wpos.min()) < 0 or int((wpos + lens).max()) > total_win):
-        raise DeltaCorrupt("cover outside the chunk's base windows")
+    wstart = np.cumsum(wgap.astype(np.int64)) + (np.cumsum(wlen.astype(np.int64))
+                                                 - wlen.astype(np.int64))
+    if nwin and int(wstart[-1]) + int(wlen[-1]) > base.size:
+        raise DeltaCorrupt("base image too short for this delta")
     window = bytearray(total_win)
     at = 0
     for start, length in zip(wstart.tolist(), wlen.tolist(), strict=True):
@@ -152,15 +164,48 @@ def _decode_patch(view: memoryview, out_size: int, base: Reader | None) -> bytes
             raise DeltaCorrupt("base image too short for this delta")
         window[at:at + length] = piece
         at += length
-    return _apply_numpy(np.frombuffer(window, np.uint8), gaps, lens, wpos, diff=diff, lit=lit,
-                        out_size=out_size)
+    return window
 
 
-def _apply_numpy(window: np.ndarray, gaps: np.ndarray, lens: np.ndarray, wpos: np.ndarray, *,
-                 diff: bytes, lit: bytes, out_size: int) -> bytes:
-    """Vectorised apply: literals and (window + diff) covers into one output buffer."""
-    ncov = len(lens)
-    covered = len(diff)
+def decode_uvarints(raw: bytes, count: int) -> np.ndarray:
+    """``count`` unsigned LEB128 numbers filling ``raw`` exactly (vectorised)."""
+    b = np.frombuffer(raw, np.uint8)
+    last = b < 0x80
+    if int(last.sum()) != count or (len(b) and not last[-1]):
+        raise DeltaCorrupt("varint stream does not hold the declared count")
+    if count == 0:
+        return np.zeros(0, np.int64)
+    starts = np.concatenate(([0], np.flatnonzero(last)[:-1] + 1))
+    vid = np.repeat(np.arange(count), np.diff(np.concatenate((starts, [len(b)]))))
+    shift = (np.arange(len(b)) - starts[vid]) * 7
+    if int(shift.max()) > 56:
+        raise DeltaCorrupt("varint too long")
+    parts = (b & 0x7F).astype(np.uint64) << shift.astype(np.uint64)
+    return np.add.reduceat(parts, starts).astype(np.int64)
+
+
+def _apply_numpy(window: np.ndarray, ctrl: bytes, ncov: int, *, zruns: bytes, nzruns: bytes,
+                 nrun: int, values: bytes, lit: bytes, out_size: int) -> bytes:
+    """Fallback when the C helper is not built: same checks, vectorised, more memory."""
+    gaps = unplanes(ctrl[: ncov * 4], ncov, 4).astype(np.int64)
+    lens = unplanes(ctrl[ncov * 4: ncov * 8], ncov, 4).astype(np.int64)
+    wdelta = unzigzag(unplanes(ctrl[ncov * 8:], ncov, 4))
+    covered = int(lens.sum())
+    if int(gaps.sum()) + covered > out_size:
+        raise DeltaCorrupt("delta chunk inconsistent: covers exceed the chunk")
+    if len(lit) != out_size - covered:
+        raise DeltaCorrupt("delta chunk inconsistent: literal stream of the wrong size")
+    wpos = np.cumsum(wdelta) + (np.cumsum(lens) - lens)
+    if ncov and (int(wpos.min()) < 0 or int((wpos + lens).max()) > len(window)):
+        raise DeltaCorrupt("delta chunk inconsistent: cover outside the base window")
+    zr = decode_uvarints(zruns, nrun)
+    nz = decode_uvarints(nzruns, nrun)
+    if int(zr.sum()) + int(nz.sum()) > covered or int(nz.sum()) != len(values):
+        raise DeltaCorrupt("delta chunk inconsistent: diff runs do not fit the covers")
+    diff = np.zeros(covered, np.uint8)
+    run_start = np.cumsum(zr) + (np.cumsum(nz) - nz)
+    diff[np.repeat(run_start - (np.cumsum(nz) - nz), nz)
+         + np.arange(len(values), dtype=np.int64)] = np.frombuffer(values, np.uint8)
     out = np.empty(out_size, np.uint8)
     seg = np.empty(2 * ncov + 1, np.int64)
     seg[0:-1:2] = gaps
@@ -171,6 +216,6 @@ def _apply_numpy(window: np.ndarray, gaps: np.ndarray, lens: np.ndarray, wpos: n
     mask = np.repeat(kind, seg)
     cum_excl = np.cumsum(lens) - lens
     src = np.repeat(wpos - cum_excl, lens) + np.arange(covered, dtype=np.int64)
-    out[mask] = window[src] + np.frombuffer(diff, np.uint8)
+    out[mask] = window[src] + diff
     out[~mask] = np.frombuffer(lit, np.uint8)
     return out.tobytes()

@@ -10,21 +10,32 @@ Rules:
 
 from __future__ import annotations
 
+import os
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from firmware_bundles.codec.chunk import MAX_CHUNK_OUT, Tag, planes, zigzag
 from firmware_bundles.codec.matcher import Covers
-from firmware_bundles.codec.streams import StreamOptions, encode_stream, put_uvarint
+from firmware_bundles.codec.streams import (
+    StreamOptions,
+    ZstdCompressor,
+    encode_stream,
+    put_uvarint,
+)
 
 # Base ranges closer than this are read as one window (fewer reads on apply) while the
 # chunk's total window stays within out_size + covered bytes.
 _WINDOW_MERGE_GAP = 4096
 
 FULL_OPTIONS = StreamOptions(lzma_x86=True)
-DIFF_OPTIONS = StreamOptions(lzma_lclppb=((0, 0, 0), (3, 0, 0)))
+RUN_OPTIONS = StreamOptions(lzma_lclppb=((0, 0, 0), (3, 0, 0)))
+VALUE_OPTIONS = StreamOptions(lzma_lclppb=((0, 0, 0),), zstd_max_raw=256 << 10)
+# Zero runs at least this long are split out of the diff in the coarse coding.
+COARSE_ZERO_RUN = 512
 LIT_OPTIONS = StreamOptions(lzma_x86=True)
 CTRL_OPTIONS = StreamOptions(lzma_lclppb=((0, 0, 0),))
 
@@ -103,22 +114,74 @@ def patch_chunk(old: np.ndarray, new: np.ndarray, c0: int, c1: int,
     ramp = np.arange(covered, dtype=np.int64)
     idx_new = np.repeat(n - cum_excl, ln) + ramp
     idx_old = np.repeat(o - cum_excl, ln) + ramp
-    diff = (chunk[idx_new] - old[idx_old]).astype(np.uint8).tobytes()
+    diff = (chunk[idx_new] - old[idx_old]).astype(np.uint8)
     mask = np.ones(out_size, bool)
     mask[idx_new] = False
     lit = chunk[mask].tobytes()
     wgap = wstart - np.concatenate(([0], (wstart + wlen)[:-1]))
+    # Two codings of the diff, the smaller wins: fine runs (every zero run split out: best
+    # when changes are sparse) and coarse runs (only long zero runs split out: the coder then
+    # sees the spacing of changes, e.g. pointer tables, in context).
+    best: tuple[int, bytes] | None = None
+    for min_zero_run in (1, COARSE_ZERO_RUN):
+        zruns, nzruns, values = _diff_runs(diff, min_zero_run)
+        body = b"".join((encode_stream(uvarints(zruns), RUN_OPTIONS),
+                         encode_stream(uvarints(nzruns), RUN_OPTIONS),
+                         encode_stream(values, VALUE_OPTIONS)))
+        if best is None or len(body) < len(best[1]):
+            best = (len(zruns), body)
+        if len(zruns) <= 1:  # one run: the coarse coding would be the same
+            break
+    assert best is not None
     head = bytearray((Tag.PATCH,))
     put_uvarint(head, len(wstart))
     put_uvarint(head, ncov)
+    put_uvarint(head, best[0])
     return b"".join((
         bytes(head),
         encode_stream(planes(wgap, 8) + planes(wlen, 4), CTRL_OPTIONS),
         encode_stream(planes(gaps, 4) + planes(ln, 4) + planes(zigzag(wdelta), 4),
                       CTRL_OPTIONS),
-        encode_stream(diff, DIFF_OPTIONS),
+        best[1],
         encode_stream(lit, LIT_OPTIONS),
     ))
+
+
+def _diff_runs(diff: np.ndarray, min_zero_run: int) -> tuple[np.ndarray, np.ndarray, bytes]:
+    """Run-length split of the diff: zero-run lengths, value-run lengths, the values.
+
+    Zero runs shorter than ``min_zero_run`` between two value runs stay inside a value run.
+    """
+    nonzero = diff != 0
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], nonzero.view(np.int8), [0]))))
+    starts, ends = edges[0::2], edges[1::2]
+    if len(starts) and min_zero_run > 1:
+        keep = np.concatenate(([True], (starts[1:] - ends[:-1]) >= min_zero_run))
+        last = np.concatenate((np.flatnonzero(keep)[1:] - 1, [len(ends) - 1]))
+        starts, ends = starts[keep], ends[last]
+    zruns = starts - np.concatenate(([0], ends[:-1]))
+    inside = np.zeros(len(diff) + 1, np.int8)
+    np.add.at(inside, starts, 1)
+    np.add.at(inside, ends, -1)
+    values = diff[np.cumsum(inside[:-1]).astype(bool)].tobytes()
+    return zruns, ends - starts, values
+
+
+def uvarints(values: np.ndarray) -> bytes:
+    """Unsigned LEB128 of each value, concatenated (vectorised)."""
+    v = np.asarray(values, dtype=np.uint64)
+    if len(v) == 0:
+        return b""
+    nbytes = np.ones(len(v), np.int64)
+    for k in range(1, 10):
+        nbytes += v >= np.uint64(1 << (7 * k))
+    total = int(nbytes.sum())
+    vid = np.repeat(np.arange(len(v)), nbytes)
+    first = np.cumsum(nbytes) - nbytes
+    k = np.arange(total) - first[vid]
+    out = ((v[vid] >> (k * 7).astype(np.uint64)) & np.uint64(0x7F)).astype(np.uint8)
+    out[k < nbytes[vid] - 1] |= 0x80
+    return out.tobytes()
 
 
 def iter_full(data: bytes, chunk_out_size: int) -> Iterator[RawChunk]:
@@ -129,18 +192,43 @@ def iter_full(data: bytes, chunk_out_size: int) -> Iterator[RawChunk]:
         yield RawChunk(full_chunk(raw), len(raw))
 
 
-def iter_delta(old: bytes, new: bytes, covers: Covers,
-               chunk_out_size: int) -> Iterator[RawChunk]:
-    """PATCH chunks of ``new`` against ``old``, each replaced by FULL where that is smaller."""
+def iter_delta(old: bytes, new: bytes, covers: Covers, chunk_out_size: int,
+               workers: int | None = None) -> Iterator[RawChunk]:
+    """PATCH chunks of ``new`` against ``old``, each replaced by FULL where that is smaller.
+
+    Chunks are independent, so they are coded on ``workers`` threads (the compressors and most
+    numpy work release the GIL) and yielded in order, with a bounded number in flight.
+    """
     _check_chunk_size(chunk_out_size)
     old_arr = np.frombuffer(old, np.uint8)
     new_arr = np.frombuffer(new, np.uint8)
-    for c0 in range(0, len(new), chunk_out_size):
+
+    def one(c0: int) -> RawChunk:
         c1 = min(len(new), c0 + chunk_out_size)
         patch = patch_chunk(old_arr, new_arr, c0, c1, covers)
-        full = full_chunk(new[c0:c1])
-        best = patch if patch and len(patch) < len(full) else full
-        yield RawChunk(best, c1 - c0)
+        raw = new[c0:c1]
+        # The strong full coding costs seconds per chunk; a level-3 zstd estimate tells when
+        # it cannot win (strong coders gain well under 2x over level 3 on real images).
+        if patch and len(patch) * 2 < len(quick_estimate(raw)):
+            return RawChunk(patch, c1 - c0)
+        full = full_chunk(raw)
+        return RawChunk(patch if patch and len(patch) < len(full) else full, c1 - c0)
+
+    starts = list(range(0, len(new), chunk_out_size))
+    n_workers = workers or min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=n_workers) as pool:
+        pending: deque[Future[RawChunk]] = deque()
+        for c0 in starts:
+            pending.append(pool.submit(one, c0))
+            if len(pending) > n_workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def quick_estimate(raw: bytes) -> bytes:
+    """A fast zstd coding of ``raw`` (used only to decide what is worth trying)."""
+    return ZstdCompressor(level=3).compress(raw, ZstdCompressor.FLUSH_FRAME)
 
 
 def _check_chunk_size(chunk_out_size: int) -> None:

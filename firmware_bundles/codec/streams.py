@@ -113,9 +113,11 @@ class StreamOptions:
     """Which codecs the encoder tries for one stream (the smallest result wins)."""
 
     zstd_level: int = 19
+    zstd_max_raw: int = 1 << 62  # try zstd only on streams up to this size (encode time)
     lzma_lclppb: tuple[tuple[int, int, int], ...] = ((3, 0, 2),)  # LZMA variants to try
     lzma_x86: bool = False
     lzma_preset: int = 9 | lzma.PRESET_EXTREME
+    lzma_nice_len: int = 273  # long zero runs in diffs: longest matches pay off
 
 
 def _compress(codec: Codec, raw: bytes, props: int, opts: StreamOptions) -> bytes:
@@ -131,6 +133,7 @@ def _compress(codec: Codec, raw: bytes, props: int, opts: StreamOptions) -> byte
         return comp.compress(raw, ZstdCompressor.FLUSH_FRAME)
     filters = _lzma_filters(codec, len(raw), props)
     filters[-1]["preset"] = opts.lzma_preset
+    filters[-1]["nice_len"] = opts.lzma_nice_len
     return lzma.compress(raw, format=lzma.FORMAT_RAW, filters=filters)
 
 
@@ -138,8 +141,9 @@ def encode_stream(raw: bytes, opts: StreamOptions | None = None) -> bytes:
     """Code ``raw`` with every candidate of ``opts`` and return the smallest stream."""
     opts = opts or StreamOptions()
     candidates: list[tuple[Codec, int, bytes]] = [(Codec.RAW, 0, raw)]
-    if raw:
+    if raw and len(raw) <= opts.zstd_max_raw:
         candidates.append((Codec.ZSTD, 0, _compress(Codec.ZSTD, raw, 0, opts)))
+    if raw:
         for lc, lp, pb in opts.lzma_lclppb:
             props = _lzma_props(lc, lp, pb)
             candidates.append((Codec.LZMA, props, _compress(Codec.LZMA, raw, props, opts)))

@@ -1,0 +1,99 @@
+"""Run one Python-based codec in-process and time only the work (interpreter start and imports
+excluded): ``python -m bench.peers.pyrun {encode|apply} TOOL A B OUT``.
+
+encode: A=old, B=new, OUT=patch.  apply: A=old, B=patch, OUT=new.
+Prints one JSON line ``{"seconds": ...}``; peak RSS is read by the parent (wait4).
+"""
+
+# ruff: noqa: PLC0415  (each tool imports only its own library, so one run measures one codec)
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _ours_encode(old: Path, new: Path, out: Path) -> None:
+    from bench.peers.container import write_chunks
+    from firmware_bundles.delta import encode_delta
+
+    with out.open("wb") as f:
+        write_chunks(f, encode_delta(old, new))
+
+
+def _ours_apply(old: Path, patch: Path, out: Path) -> None:
+    # The device path: one chunk in memory at a time, base read with pread, output streamed.
+    from bench.peers.container import read_chunks
+    from firmware_bundles.delta import FileBaseReader, decode_chunk
+
+    with FileBaseReader(old) as base, patch.open("rb") as src, out.open("wb") as dst:
+        for data, out_size in read_chunks(src):
+            for piece in decode_chunk(data, out_size, base):
+                dst.write(piece)
+
+
+def _hdp_config(kind: str):
+    import hdiffpatch
+
+    if kind == "lzma":
+        return hdiffpatch.LzmaConfig(level=9)
+    return hdiffpatch.ZStdConfig(level=19)
+
+
+def _hdp_encode(kind: str, old: Path, new: Path, out: Path) -> None:
+    import hdiffpatch
+
+    out.write_bytes(hdiffpatch.diff(old.read_bytes(), new.read_bytes(), _hdp_config(kind),
+                                    validate=False))
+
+
+def _hdp_apply(old: Path, patch: Path, out: Path) -> None:
+    import hdiffpatch
+
+    out.write_bytes(hdiffpatch.apply(old.read_bytes(), patch.read_bytes()))
+
+
+def _detools_encode(patch_type: str, old: Path, new: Path, out: Path) -> None:
+    import detools
+
+    algorithm = "hdiffpatch" if patch_type == "hdiffpatch" else "bsdiff"
+    with old.open("rb") as a, new.open("rb") as b, out.open("wb") as p:
+        detools.create_patch(a, b, p, compression="lzma", patch_type=patch_type,
+                             algorithm=algorithm)
+
+
+def _detools_apply(old: Path, patch: Path, out: Path) -> None:
+    import detools
+
+    with old.open("rb") as a, patch.open("rb") as p, out.open("wb") as b:
+        detools.apply_patch(a, p, b)
+
+
+def main(argv: list[str]) -> None:
+    op, tool, a, b, out = argv
+    pa, pb, po = Path(a), Path(b), Path(out)
+    # Import first so the timed region is the work only.
+    if tool == "ours":
+        import firmware_bundles.delta  # noqa: F401
+        fn = _ours_encode if op == "encode" else _ours_apply
+        run = lambda: fn(pa, pb, po)  # noqa: E731
+    elif tool.startswith("hdiffpatch-"):
+        import hdiffpatch  # noqa: F401
+        kind = tool.split("-", 1)[1]
+        run = (lambda: _hdp_encode(kind, pa, pb, po)) if op == "encode" else (
+            lambda: _hdp_apply(pa, pb, po))
+    elif tool.startswith("detools-"):
+        import detools  # noqa: F401
+        patch_type = tool.split("-", 1)[1]
+        run = (lambda: _detools_encode(patch_type, pa, pb, po)) if op == "encode" else (
+            lambda: _detools_apply(pa, pb, po))
+    else:
+        raise SystemExit(f"unknown tool {tool}")
+    t0 = time.perf_counter()
+    run()
+    print(json.dumps({"seconds": time.perf_counter() - t0}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
