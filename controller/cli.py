@@ -53,6 +53,12 @@ def controller() -> None:
     help="MQTT broker URL the controller uses and tells enrolling devices.",
 )
 @click.option(
+    "--advertise-broker",
+    default=None,
+    envvar="SLOTLINE_ADVERTISE_BROKER",
+    help="Broker URL given to enrolling devices (default: --broker), e.g. mqtts://broker:8883.",
+)
+@click.option(
     "--tick",
     default=2.0,
     show_default=True,
@@ -91,6 +97,7 @@ def serve(  # noqa: PLR0917 (click passes options positionally)
     database_url: str | None,
     data_dir: Path | None,
     broker_url: str | None,
+    advertise_broker: str | None,
     tick: float,
     trust_file: Path | None,
     command_key: Path | None,
@@ -109,6 +116,7 @@ def serve(  # noqa: PLR0917 (click passes options positionally)
             database_url=database_url,
             data_dir=data_dir,
             broker_url=broker_url,
+            advertise_broker=advertise_broker,
             tick=tick,
             max_upload=max_upload,
             trust_file=trust_file,

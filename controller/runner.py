@@ -98,6 +98,7 @@ def run(
     data_dir: Path,
     broker_url: str | None,
     tick: float,
+    advertise_broker: str | None = None,
     max_upload: int,
     trust_file: Path | None = None,
     command_key: Path | None = None,
@@ -108,7 +109,7 @@ def run(
     config = ControllerConfig(
         database_url=database_url,
         data_dir=data_dir,
-        broker_url=broker_url or "mqtt://127.0.0.1:1883",
+        broker_url=advertise_broker or broker_url or "mqtt://127.0.0.1:1883",
         max_upload_bytes=max_upload,
     )
     service = ControllerService(config)
