@@ -106,15 +106,17 @@ class Reports:
 
     def drain(self, limit: int = 100_000) -> int:
         """Apply up to ``limit`` queued reports in one transaction; returns how many."""
-        items: list[tuple[str, str, Any]] = []
-        while len(items) < limit:
-            try:
-                items.append(self.queue.get_nowait())
-            except queue.Empty:
-                break
-        if not items:
-            return 0
+        # Taking and applying under one lock: two drains (writer thread, tick) never apply an
+        # older state after a newer one.
         with self._lock:
+            items: list[tuple[str, str, Any]] = []
+            while len(items) < limit:
+                try:
+                    items.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            if not items:
+                return 0
             self._apply(items)
         self.applied += len(items)
         return len(items)

@@ -520,6 +520,7 @@ class Scheduler:
                     for g in groups
                 ),
             )
+            self._reissue_expired(s, ro, now)
             counts = self._counts(s, ro, groups)
             actions = p.plan(view, counts, now)
             by_id = {g.id: g for g in groups}
@@ -706,6 +707,63 @@ class Scheduler:
             if rows:
                 s.execute(update(m.RolloutDevice), rows)
         return len(commanded)
+
+    def _reissue_expired(self, s: Session, ro: m.Rollout, now: float) -> None:
+        """Re-command devices whose install command expired with no report since.
+
+        The agent refuses an expired command, so the old one can never run; the new one has
+        the next counter (a replay of the old one stays refused). Recorded as a decision.
+        """
+        ttl = self.svc.config.command_ttl_seconds
+        q = (
+            select(m.RolloutDevice.device_id, m.Device.command_counter, m.Device.active_digest)
+            .join(m.Device, m.Device.id == m.RolloutDevice.device_id)
+            .where(
+                m.RolloutDevice.rollout_id == ro.id,
+                m.RolloutDevice.state == DS.COMMANDED.value,
+                m.RolloutDevice.updated_at <= now - ttl,
+            )
+            .limit(ro.max_in_flight)
+        )
+        rows = s.execute(q).tuples().all()
+        if not rows:
+            return
+        release = s.get(m.Release, ro.release_id)
+        assert release is not None
+        plan = self.svc.releases.install_plan(s, release, ro.id)
+        counters, outbox, moved = [], [], []
+        for device_id, last, digest in rows:
+            chosen = plan.args_for(device_id, digest)
+            if chosen is None:
+                continue
+            args, payload_id = chosen
+            counter = int(last) + 1
+            body = self._sign(device_id, counter, "install", args, now)
+            counters.append({"id": device_id, "command_counter": counter})
+            outbox.append(
+                {
+                    "device_id": device_id,
+                    "counter": counter,
+                    "action": "install",
+                    "rollout_id": ro.id,
+                    "body": body,
+                    "created_at": now,
+                }
+            )
+            moved.append(
+                {
+                    "rollout_id": ro.id,
+                    "device_id": device_id,
+                    "counter": counter,
+                    "payload_id": payload_id,
+                    "updated_at": now,
+                }
+            )
+        if counters:
+            s.execute(update(m.Device), counters)
+            s.execute(insert(m.Command), outbox)
+            s.execute(update(m.RolloutDevice), moved)
+            self._decide(s, ro.id, now, "scheduler", "ReissueExpired", devices=len(counters))
 
     def _sign(
         self, device_id: str, counter: int, action: str, args: dict[str, Any], now: float

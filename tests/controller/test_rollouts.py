@@ -284,3 +284,28 @@ def test_device_counter_strictly_increases_across_rollouts(svc, fleet, release):
     assert counters == sorted(set(counters))
     with svc.sessions() as s:
         assert s.scalar(select(func.count()).select_from(m.Command)) == 4
+
+
+def test_expired_install_is_reissued_with_the_next_counter(svc, fleet, release, clock):
+    fleet.enroll(2, digest=release["v1"])
+    ro = svc.scheduler.create(
+        fleet.ops, name="r", release_id=release["id"], phases=[PhaseSpec("all", 100, p.Gate())]
+    )
+    svc.scheduler.start(fleet.ops, ro["id"])
+    svc.tick()
+    svc.tick()
+    svc.on_event("d0000", {"type": "phase", "phase": "downloading", "progress": 5})
+    clock.now += svc.config.command_ttl_seconds - 10
+    svc.tick()  # d0000 reported meanwhile: not expired; d0001 silent but not yet expired
+    assert len(_commands(svc)) == 2
+    clock.now += 20
+    svc.tick()
+    cmds = _commands(svc, "d0001")
+    assert [json.loads(c.body)["signed"]["counter"] for c in cmds] == [1, 2]
+    assert len(_commands(svc, "d0000")) == 1
+    st = svc.scheduler.status(ro["id"])
+    assert any(d["action"] == "ReissueExpired" for d in st["decisions"])
+    svc.on_event("d0001", {"type": "result", "outcome": "committed", "bundle_id": release["id"]})
+    svc.tick()
+    assert st["groups"][0]["counts"]["commanded"] == 2
+    assert svc.scheduler.status(ro["id"])["groups"][0]["counts"]["succeeded"] == 1
