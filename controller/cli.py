@@ -53,6 +53,12 @@ def controller() -> None:
     help="MQTT broker URL the controller uses and tells enrolling devices.",
 )
 @click.option(
+    "--broker-tls",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Directory with ca.pem, controller.pem, controller.key (from `controller certs`).",
+)
+@click.option(
     "--advertise-broker",
     default=None,
     envvar="SLOTLINE_ADVERTISE_BROKER",
@@ -97,6 +103,7 @@ def serve(  # noqa: PLR0917 (click passes options positionally)
     database_url: str | None,
     data_dir: Path | None,
     broker_url: str | None,
+    broker_tls: Path | None,
     advertise_broker: str | None,
     tick: float,
     trust_file: Path | None,
@@ -117,10 +124,64 @@ def serve(  # noqa: PLR0917 (click passes options positionally)
             data_dir=data_dir,
             broker_url=broker_url,
             advertise_broker=advertise_broker,
+            broker_tls=broker_tls,
             tick=tick,
             max_upload=max_upload,
             trust_file=trust_file,
             command_key=command_key,
             client_id=client_id,
         )
+    )
+
+
+@controller.command()
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    envvar="SLOTLINE_DATA_DIR",
+    help="The controller's data directory (its fleet CA).",
+)
+@click.option(
+    "--broker-host",
+    "hosts",
+    multiple=True,
+    required=True,
+    help="DNS name or IP address devices use for the broker (repeatable).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Directory for ca.pem, broker.pem/.key, controller.pem/.key.",
+)
+@click.option(
+    "--controller-name",
+    default="controller",
+    show_default=True,
+    help="CN of the controller's client certificate (its broker username).",
+)
+def certs(data_dir: Path | None, hosts: tuple[str, ...], out: Path, controller_name: str) -> None:
+    """Issue the broker's server certificate and the controller's client certificate.
+
+    Both are signed by the fleet CA that signs device certificates, so the broker trusts
+    devices and the controller with one ``cafile``; its ``crlfile`` is the data directory's
+    ``ca/crl.pem``.
+    """
+    from controller.pki import FleetCA  # noqa: PLC0415
+
+    data_dir = data_dir or default_data_dir()
+    ca = FleetCA.load_or_create(data_dir / "ca")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ca.pem").write_text(ca.cert_pem)
+    for name, cn, server in (("broker", hosts[0], hosts), ("controller", controller_name, ())):
+        cert, key = ca.issue(cn, server_names=server)
+        (out / f"{name}.pem").write_text(cert)
+        key_path = out / f"{name}.key"
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key)
+    click.echo(
+        f"wrote ca.pem, broker.pem/.key, controller.pem/.key to {out}; "
+        f"CRL: {data_dir / 'ca' / 'crl.pem'}"
     )

@@ -148,6 +148,58 @@ class FleetCA:
         )
         return cert.public_bytes(serialization.Encoding.PEM).decode(), format(serial, "x")
 
+    def issue(
+        self,
+        common_name: str,
+        *,
+        server_names: Iterable[str] = (),
+        days: int = 825,
+        now: dt.datetime | None = None,
+    ) -> tuple[str, str]:
+        """A new key and certificate signed by the fleet CA, for the broker or the controller.
+
+        With ``server_names`` it is a TLS server certificate (DNS names / IP addresses in the
+        subjectAltName); without, a client certificate (CN is the broker username, e.g. the
+        ``controller`` of the ACL).
+
+        Returns:
+            (certificate PEM, private key PEM).
+        """
+        import ipaddress  # noqa: PLC0415
+
+        now = now or dt.datetime.now(dt.UTC)
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        )
+        names = list(server_names)
+        if names:
+            alt: list[x509.GeneralName] = []
+            for n in names:
+                try:
+                    alt.append(x509.IPAddress(ipaddress.ip_address(n)))
+                except ValueError:
+                    alt.append(x509.DNSName(n))
+            builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
+            usage = ExtendedKeyUsageOID.SERVER_AUTH
+        else:
+            usage = ExtendedKeyUsageOID.CLIENT_AUTH
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        cert = builder.sign(self.key, hashes.SHA256())
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem.decode()
+
     def write_crl(
         self, revoked: Iterable[tuple[str, dt.datetime]], now: dt.datetime | None = None
     ) -> Path:

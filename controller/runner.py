@@ -24,8 +24,14 @@ log = logging.getLogger("slotline.controller")
 class GatewayThread:
     """The MQTT gateway running on an event loop in a daemon thread."""
 
-    def __init__(self, broker_url: str, service: ControllerService, client_id: str) -> None:
-        from agent.transport.aioclient import MqttSettings  # noqa: PLC0415
+    def __init__(
+        self,
+        broker_url: str,
+        service: ControllerService,
+        client_id: str,
+        tls_dir: Path | None = None,
+    ) -> None:
+        from agent.transport.aioclient import MqttSettings, TlsFiles  # noqa: PLC0415
         from controller.gateway import MqttGateway  # noqa: PLC0415
         from firmware_bundles.throttle import LinkProfile, SiteBudgets  # noqa: PLC0415
 
@@ -37,7 +43,12 @@ class GatewayThread:
             }
         )
         self.loop = asyncio.new_event_loop()
-        settings = MqttSettings.from_url(broker_url, client_id)
+        tls = None
+        if tls_dir is not None:
+            tls = TlsFiles(
+                tls_dir / "ca.pem", tls_dir / "controller.pem", tls_dir / "controller.key"
+            )
+        settings = MqttSettings.from_url(broker_url, client_id, tls=tls)
         self.gateway = MqttGateway(settings, service, service, budgets=budgets)
         self.thread = threading.Thread(target=self._run, name="mqtt-gateway", daemon=True)
         self._ready = threading.Event()
@@ -99,6 +110,7 @@ def run(
     broker_url: str | None,
     tick: float,
     advertise_broker: str | None = None,
+    broker_tls: Path | None = None,
     max_upload: int,
     trust_file: Path | None = None,
     command_key: Path | None = None,
@@ -121,7 +133,7 @@ def run(
     _write_admin_token(service, data_dir)
     gateway = None
     if broker_url:
-        gateway = GatewayThread(broker_url, service, client_id)
+        gateway = GatewayThread(broker_url, service, client_id, broker_tls)
         gateway.start()
         service.gateway = gateway
     # Commands decided before a crash but not handed over yet go out first.
