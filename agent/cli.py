@@ -47,6 +47,23 @@ class _SystemPower:
             await proc.wait()
 
 
+def _tune_malloc() -> None:
+    """Keep RSS flat while streaming multi-MiB chunks (glibc only; a no-op elsewhere).
+
+    glibc raises its mmap threshold each time a large block is freed, after which 4 MiB chunk
+    buffers come from the heap and fragment it (measured: +50 MiB RSS applying an image). A fixed
+    threshold and two arenas keep the peak near the working set.
+    """
+    try:
+        import ctypes  # noqa: PLC0415
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD (fixing it disables the dynamic raise)
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
 @contextlib.contextmanager
 def _locked(journal: str) -> Iterator[None]:
     path = Path(journal).with_name(Path(journal).name + ".lock")
@@ -188,6 +205,7 @@ def run(config: str) -> None:
             loop.add_signal_handler(sig, the_agent.stop)
         return str(await the_agent.run())
 
+    _tune_malloc()
     with _locked(cfg.journal):
         outcome = asyncio.run(main())
     click.echo(f"agent {outcome}")
@@ -272,6 +290,7 @@ def install(bundle: str, config: str, reboot: bool) -> None:
                 bar.update(task, completed=total)
         return the_agent, None
 
+    _tune_malloc()
     with _locked(cfg.journal):
         try:
             the_agent, error = asyncio.run(main())

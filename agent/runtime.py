@@ -33,8 +33,9 @@ import dataclasses
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from agent.adapters.bootenv import env_changes, env_view
 from agent.core.commands import (
@@ -93,6 +94,7 @@ from firmware_bundles.errors import BundleError, TransferError
 log = logging.getLogger("slotline.agent")
 
 Decoder = Callable[[bytes, int, Any], Iterator[bytes]]
+_T = TypeVar("_T")
 
 
 class Power(Protocol):
@@ -299,6 +301,7 @@ class Agent:
         self._reboot_requested = False
         self._download_task: asyncio.Task[None] | None = None
         self.events: deque[Mapping[str, Any]] = deque(maxlen=200)
+        self._disk: ThreadPoolExecutor | None = None
         self.started = False
 
     # -- public API -----------------------------------------------------------------------
@@ -312,14 +315,14 @@ class Agent:
         """Load the journal, reconcile it with the boot env, carry on (resume/trial/revert)."""
         raw = self.journal.load()
         if raw is None:
-            self.state = await asyncio.to_thread(self._factory_state)
+            self.state = await self._io(self._factory_state)
         else:
             try:
                 self.state = dataclasses.replace(decode(raw), booted=self.booted)
             except JournalError as e:
                 # A journal we cannot read: start over from what the bootloader says, report.
                 log.warning("journal unreadable (%s): starting from the boot env", e.code)
-                self.state = await asyncio.to_thread(self._factory_state)
+                self.state = await self._io(self._factory_state)
                 self.state = dataclasses.replace(
                     self.state, last_result=Result("failed", e.code, str(e))
                 )
@@ -351,11 +354,18 @@ class Agent:
             if self.transport is not None:
                 with contextlib.suppress(Exception):
                     await self.transport.stop()
+            self.close()
         return "reboot" if self._reboot_requested else "stopped"
 
     def stop(self) -> None:
         """Ask :meth:`run` to return."""
         self._stop.set()
+
+    def close(self) -> None:
+        """Release the disk thread (``run`` does this; call it after ``start``/``install``)."""
+        if self._disk is not None:
+            self._disk.shutdown(wait=False)
+            self._disk = None
 
     async def install(
         self, release: Release, source: ChunkSource, *, counter: int = 0
@@ -420,6 +430,12 @@ class Agent:
         return state_document(self.state, self.config.device_id, self.booted)
 
     # -- internals ------------------------------------------------------------------------
+
+    async def _io(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run blocking disk work on the agent's one disk thread (in order, one malloc arena)."""
+        if self._disk is None:
+            self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slotline-disk")
+        return await asyncio.get_running_loop().run_in_executor(self._disk, fn, *args)
 
     def _factory_state(self) -> AgentState:
         size = self.config.factory_size
@@ -567,16 +583,16 @@ class Agent:
             self._fetch = cmd
             return None
         if isinstance(cmd, WriteChunk):
-            return await asyncio.to_thread(self._write_chunk, cmd)
+            return await self._io(self._write_chunk, cmd)
         if isinstance(cmd, SyncSlot):
             try:
-                await asyncio.to_thread(self._guard.sync, cmd.slot)
+                await self._io(self._guard.sync, cmd.slot)
             except AgentError as e:
                 return _Failure(WriteFailed(e.code, str(e)))
             return None
         if isinstance(cmd, VerifySlot):
             try:
-                digest = await asyncio.to_thread(self.slots.digest, cmd.slot, cmd.length)
+                digest = await self._io(self.slots.digest, cmd.slot, cmd.length)
             except AgentError as e:
                 return _Failure(WriteFailed(e.code, str(e)))
             return SlotVerified(digest)
