@@ -512,9 +512,14 @@ class ControllerService:
             q = q.where(m.Device.hardware_model == check_id(hardware_model, "hardware model"))
         if tag is not None:
             check_id(tag, "tag")
+        if tag is None:
+            q = q.offset(offset).limit(limit)
         with self.sessions() as s:
             rows = s.scalars(q).all()
-        docs = [self._device_doc(d) for d in rows if tag is None or tag in d.tags]
+        if tag is None:
+            return [self._device_doc(d) for d in rows]
+        # Tags are a JSON list: filtered here, the same way on SQLite and PostgreSQL.
+        docs = [self._device_doc(d) for d in rows if tag in d.tags]
         return docs[offset : offset + limit]
 
     def get_device(self, actor: Principal, device_id: str) -> dict[str, Any]:

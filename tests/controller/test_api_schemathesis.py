@@ -17,10 +17,10 @@ from controller.service import SYSTEM, ControllerConfig, ControllerService
 EXAMPLES = 40
 
 
-def test_no_input_gets_a_server_error(tmp_path, clock):
+def test_no_input_gets_a_server_error(db_url, tmp_path, clock):
     svc = ControllerService(
         ControllerConfig(
-            database_url=f"sqlite:///{tmp_path / 'c.db'}",
+            database_url=db_url,
             data_dir=tmp_path / "d",
             max_upload_bytes=256 * 1024,
         ),
