@@ -370,6 +370,12 @@ def rollout_create(  # noqa: PLR0917 (click passes options positionally)
     if spec is not None:
         body = json.load(spec)
     data = api.call("POST", "/rollouts", json=body)
+    # The controller makes the deltas the fleet needs in the background: wait for READY.
+    for _ in range(100_000):
+        if data["state"] != "creating":
+            break
+        time.sleep(0.5)
+        data = api.call("GET", f"/rollouts/{data['id']}")
     _out(api, data, _show_rollout)
 
 

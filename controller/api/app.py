@@ -239,7 +239,7 @@ def create_app(service: ControllerService) -> Any:
     @app.post(f"{API}/rollouts", tags=["rollouts"], status_code=201)
     @needs(Perm.ROLLOUT_WRITE)
     def create_rollout(request: Request, body: RolloutCreate) -> dict[str, Any]:
-        """Create a rollout (READY); start it with ``/start``."""
+        """Create a rollout (CREATING; READY once its deltas are made); then ``/start`` it."""
         try:
             phases = [
                 PhaseSpec(ph.name, ph.percent, gate_from_json(ph.gate.model_dump()))
@@ -262,6 +262,7 @@ def create_app(service: ControllerService) -> Any:
             max_in_flight=body.max_in_flight,
             max_in_flight_per_site=body.max_in_flight_per_site,
             after_rollout=body.after_rollout,
+            prepare_now=False,
         )
 
     @app.get(f"{API}/rollouts", tags=["rollouts"])

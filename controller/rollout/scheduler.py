@@ -110,8 +110,13 @@ class Scheduler:
         max_in_flight: int = 100,
         max_in_flight_per_site: int | None = None,
         after_rollout: int | None = None,
+        prepare_now: bool = True,
     ) -> dict[str, Any]:
-        """Create a rollout (READY) with its groups and device assignments.
+        """Create a rollout with its groups and device assignments.
+
+        With ``prepare_now`` the delta payloads are made before returning and the rollout is
+        READY; without (the HTTP API), it is CREATING and the next ``tick`` makes them and moves
+        it to READY, so an API call never waits minutes for a large image's deltas.
 
         Targets the active devices whose hardware model the release supports (and, when given,
         in ``hardware_models``, carrying every tag of ``tags``, at one of ``sites``), minus
@@ -192,7 +197,7 @@ class Scheduler:
             ro = m.Rollout(
                 name=name,
                 release_id=release_id,
-                state=p.RolloutState.READY.value,
+                state=(p.RolloutState.READY if prepare_now else p.RolloutState.CREATING).value,
                 target={
                     "hardware_models": list(hardware_models),
                     "tags": list(tags),
@@ -253,8 +258,25 @@ class Scheduler:
             )
             self.svc.audit(s, actor, "rollout.create", str(ro.id), name=name, release=release_id)
             rollout_id = ro.id
-        self.svc.releases.prepare_payloads(rollout_id)
+        if prepare_now:
+            self.svc.releases.prepare_payloads(rollout_id)
         return self.status(rollout_id)
+
+    def prepare_created(self, now: float) -> list[dict[str, Any]]:
+        """Make the payloads of CREATING rollouts and move them to READY."""
+        with self.svc.sessions() as s:
+            ids = list(s.scalars(select(m.Rollout.id).where(m.Rollout.state == "creating")))
+        out = []
+        for rid in ids:
+            made = self.svc.releases.prepare_payloads(rid)
+            with self.svc.sessions.begin() as s:
+                ro = self._load(s, rid)
+                if ro.state != "creating":
+                    continue
+                ro.state = p.RolloutState.READY.value
+                self._decide(s, rid, now, "scheduler", "Prepared", deltas=made)
+            out.append({"rollout": rid, "action": "Prepared", "deltas": made})
+        return out
 
     def _requirement_sources(
         self, s: Session, rel: m.Release, after: int | None
@@ -273,7 +295,7 @@ class Scheduler:
                 .join(m.Release, m.Release.bundle_id == m.Rollout.release_id)
                 .where(
                     m.Release.component == component,
-                    m.Rollout.state.in_(["ready", "running", "paused"]),
+                    m.Rollout.state.in_(["creating", "ready", "running", "paused"]),
                 )
                 .order_by(m.Rollout.id.desc())
             )
@@ -353,7 +375,9 @@ class Scheduler:
         now = self.svc.clock()
         with self.svc.sessions.begin() as s:
             ro = self._load(s, rollout_id)
-            ok = {"ready", "running", "paused"} | ({"stopped", "finished"} if rollback else set())
+            ok = {"creating", "ready", "running", "paused"} | (
+                {"stopped", "finished"} if rollback else set()
+            )
             if ro.state not in ok:
                 raise Conflict(f"cannot {verb} rollout {rollout_id} in state {ro.state}")
             ro.state = p.RolloutState.STOPPED.value
@@ -475,9 +499,9 @@ class Scheduler:
         """
         now = self.svc.clock() if now is None else now
         self.svc.reports.drain()
+        taken: list[dict[str, Any]] = self.prepare_created(now)
         with self.svc.sessions() as s:
             ids = list(s.scalars(select(m.Rollout.id).where(m.Rollout.state == "running")))
-        taken: list[dict[str, Any]] = []
         for rid in ids:
             taken += self._tick_one(rid, now)
         self.publish_pending()

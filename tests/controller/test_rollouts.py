@@ -309,3 +309,24 @@ def test_expired_install_is_reissued_with_the_next_counter(svc, fleet, release, 
     svc.tick()
     assert st["groups"][0]["counts"]["commanded"] == 2
     assert svc.scheduler.status(ro["id"])["groups"][0]["counts"]["succeeded"] == 1
+
+
+def test_api_created_rollout_gets_its_deltas_on_the_next_tick_then_is_ready(svc, fleet, release):
+    fleet.enroll(2, digest=release["v1"])
+    ro = svc.scheduler.create(
+        fleet.ops,
+        name="r",
+        release_id=release["id"],
+        prepare_now=False,
+        phases=[PhaseSpec("all", 100, p.Gate())],
+    )
+    assert ro["state"] == "creating"
+    assert [x["kind"] for x in svc.releases.show(release["id"])["payloads"]] == ["full"]
+    with pytest.raises(Conflict):
+        svc.scheduler.start(fleet.ops, ro["id"])
+    svc.tick()
+    assert svc.scheduler.status(ro["id"])["state"] == "ready"
+    assert sorted(x["kind"] for x in svc.releases.show(release["id"])["payloads"]) == [
+        "delta",
+        "full",
+    ]
