@@ -41,8 +41,6 @@ except ImportError:  # pragma: no cover - exercised by forcing _native = None in
 
 # Largest out_size a chunk may declare: decoding one chunk holds a few buffers of this size.
 MAX_CHUNK_OUT = 16 << 20
-# Apply yields the output in pieces of at most this many bytes.
-YIELD_PIECE = 1 << 20
 
 
 class Tag(enum.IntEnum):
@@ -110,8 +108,8 @@ def decode_chunk(data: bytes, out_size: int, base: Reader | None) -> Iterator[by
         out: bytes | bytearray = raw
     else:
         out = _decode_patch(view, out_size, base)
-    for start in range(0, out_size, YIELD_PIECE):
-        yield bytes(out[start:start + YIELD_PIECE])
+    # The chunk is already one buffer of out_size bytes: hand it out without copying.
+    yield bytes(out) if isinstance(out, bytearray) else out
 
 
 def _decode_patch(view: memoryview, out_size: int, base: Reader | None) -> bytes | bytearray:
@@ -135,15 +133,16 @@ def _decode_patch(view: memoryview, out_size: int, base: Reader | None) -> bytes
     window = _read_windows(wraw, nwin, out_size, base)
     if _native is not None:
         try:
-            return _native.apply_patch(out_size, window, ctrl, ncov, zruns, nzruns, nrun,
-                                       values, lit)
+            out: bytes = _native.apply_patch(out_size, window, ctrl, ncov, zruns, nzruns,
+                                             nrun, values, lit)
         except ValueError as e:
             raise DeltaCorrupt(f"delta chunk inconsistent: {e}") from e
+        return out
     return _apply_numpy(np.frombuffer(window, np.uint8), ctrl, ncov, zruns=zruns,
                         nzruns=nzruns, nrun=nrun, values=values, lit=lit, out_size=out_size)
 
 
-def _read_windows(wraw: bytes, nwin: int, out_size: int, base: Reader) -> bytearray:
+def _read_windows(wraw: bytes, nwin: int, out_size: int, base: Reader) -> bytes:
     """Read the chunk's base ranges into one buffer (at most ``2 * out_size`` bytes)."""
     wgap = unplanes(wraw[: nwin * 8], nwin, 8)
     wlen = unplanes(wraw[nwin * 8:], nwin, 4)
@@ -156,15 +155,14 @@ def _read_windows(wraw: bytes, nwin: int, out_size: int, base: Reader) -> bytear
                                                  - wlen.astype(np.int64))
     if nwin and int(wstart[-1]) + int(wlen[-1]) > base.size:
         raise DeltaCorrupt("base image too short for this delta")
-    window = bytearray(total_win)
-    at = 0
+    pieces = []
     for start, length in zip(wstart.tolist(), wlen.tolist(), strict=True):
         piece = base.pread(start, length)
         if len(piece) != length:
             raise DeltaCorrupt("base image too short for this delta")
-        window[at:at + length] = piece
-        at += length
-    return window
+        pieces.append(piece)
+    # One window (the common case) is used as read; several are joined in one pass.
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
 def decode_uvarints(raw: bytes, count: int) -> np.ndarray:

@@ -36,6 +36,8 @@ RUN_OPTIONS = StreamOptions(lzma_lclppb=((0, 0, 0), (3, 0, 0)))
 VALUE_OPTIONS = StreamOptions(lzma_lclppb=((0, 0, 0),), zstd_max_raw=256 << 10)
 # Zero runs at least this long are split out of the diff in the coarse coding.
 COARSE_ZERO_RUN = 512
+TRIAL_OPTIONS = StreamOptions(lzma_lclppb=((0, 0, 0),), lzma_preset=1, zstd_max_raw=0)
+COARSE_TRIAL_MARGIN = 1.1
 LIT_OPTIONS = StreamOptions(lzma_x86=True)
 CTRL_OPTIONS = StreamOptions(lzma_lclppb=((0, 0, 0),))
 
@@ -121,18 +123,20 @@ def patch_chunk(old: np.ndarray, new: np.ndarray, c0: int, c1: int,
     wgap = wstart - np.concatenate(([0], (wstart + wlen)[:-1]))
     # Two codings of the diff, the smaller wins: fine runs (every zero run split out: best
     # when changes are sparse) and coarse runs (only long zero runs split out: the coder then
-    # sees the spacing of changes, e.g. pointer tables, in context).
-    best: tuple[int, bytes] | None = None
-    for min_zero_run in (1, COARSE_ZERO_RUN):
-        zruns, nzruns, values = _diff_runs(diff, min_zero_run)
-        body = b"".join((encode_stream(uvarints(zruns), RUN_OPTIONS),
-                         encode_stream(uvarints(nzruns), RUN_OPTIONS),
-                         encode_stream(values, VALUE_OPTIONS)))
-        if best is None or len(body) < len(best[1]):
-            best = (len(zruns), body)
-        if len(zruns) <= 1:  # one run: the coarse coding would be the same
-            break
-    assert best is not None
+    # sees the spacing of changes, e.g. pointer tables, in context). The coarse coding costs
+    # seconds per chunk at full strength, so it is only tried at full strength where a fast
+    # trial puts it within COARSE_TRIAL_MARGIN of the fine one (fast trials favour the fine
+    # coding: the long-match search is what makes the coarse one small).
+    fine = _diff_body(diff, 1, RUN_OPTIONS, VALUE_OPTIONS)
+    best = fine
+    if fine[0] > 1:
+        coarse_runs = _diff_runs(diff, COARSE_ZERO_RUN)
+        fine_trial = _diff_body(diff, 1, TRIAL_OPTIONS, TRIAL_OPTIONS)
+        coarse_trial = _encode_runs(coarse_runs, TRIAL_OPTIONS, TRIAL_OPTIONS)
+        if len(coarse_trial[1]) < COARSE_TRIAL_MARGIN * len(fine_trial[1]):
+            coarse = _encode_runs(coarse_runs, RUN_OPTIONS, VALUE_OPTIONS)
+            if len(coarse[1]) < len(fine[1]):
+                best = coarse
     head = bytearray((Tag.PATCH,))
     put_uvarint(head, len(wstart))
     put_uvarint(head, ncov)
@@ -145,6 +149,20 @@ def patch_chunk(old: np.ndarray, new: np.ndarray, c0: int, c1: int,
         best[1],
         encode_stream(lit, LIT_OPTIONS),
     ))
+
+
+def _diff_body(diff: np.ndarray, min_zero_run: int, run_opts: StreamOptions,
+               value_opts: StreamOptions) -> tuple[int, bytes]:
+    return _encode_runs(_diff_runs(diff, min_zero_run), run_opts, value_opts)
+
+
+def _encode_runs(runs: tuple[np.ndarray, np.ndarray, bytes], run_opts: StreamOptions,
+                 value_opts: StreamOptions) -> tuple[int, bytes]:
+    """(run count, the three diff streams) of one run-length split."""
+    zruns, nzruns, values = runs
+    return len(zruns), b"".join((encode_stream(uvarints(zruns), run_opts),
+                                 encode_stream(uvarints(nzruns), run_opts),
+                                 encode_stream(values, value_opts)))
 
 
 def _diff_runs(diff: np.ndarray, min_zero_run: int) -> tuple[np.ndarray, np.ndarray, bytes]:
@@ -173,15 +191,15 @@ def uvarints(values: np.ndarray) -> bytes:
     if len(v) == 0:
         return b""
     nbytes = np.ones(len(v), np.int64)
-    for k in range(1, 10):
-        nbytes += v >= np.uint64(1 << (7 * k))
+    for group in range(1, 10):
+        nbytes += v >= np.uint64(1 << (7 * group))
     total = int(nbytes.sum())
     vid = np.repeat(np.arange(len(v)), nbytes)
     first = np.cumsum(nbytes) - nbytes
     k = np.arange(total) - first[vid]
     out = ((v[vid] >> (k * 7).astype(np.uint64)) & np.uint64(0x7F)).astype(np.uint8)
     out[k < nbytes[vid] - 1] |= 0x80
-    return out.tobytes()
+    return bytes(out.tobytes())
 
 
 def iter_full(data: bytes, chunk_out_size: int) -> Iterator[RawChunk]:

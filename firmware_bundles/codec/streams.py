@@ -37,6 +37,9 @@ else:
 
 from firmware_bundles.errors import DeltaCorrupt, SizeExceeded, Truncated
 
+__all__ = ["Codec", "StreamOptions", "ZstdCompressor", "decode_stream", "encode_stream",
+           "get_uvarint", "put_uvarint"]
+
 # Largest decoded stream this build accepts: bounds every decoder buffer (chunks are at most
 # MAX_CHUNK_OUT bytes of output; a window stream may be twice that plus slack).
 MAX_STREAM_RAW = 80 << 20
@@ -168,6 +171,7 @@ def encode_streams(raws: Iterable[bytes], opts: StreamOptions | None = None) -> 
 
 def _decompress(codec: Codec, payload: memoryview, raw_len: int, props: int) -> bytes:
     try:
+        dec: ZstdDecompressor | lzma.LZMADecompressor
         if codec is Codec.ZSTD:
             dec = ZstdDecompressor(options={
                 DecompressionParameter.window_log_max: _ZSTD_WINDOW_LOG_MAX})
@@ -177,7 +181,7 @@ def _decompress(codec: Codec, payload: memoryview, raw_len: int, props: int) -> 
             dec = lzma.LZMADecompressor(
                 format=lzma.FORMAT_RAW, filters=_lzma_filters(codec, raw_len, props))
         # max_length bounds the output: a bomb stops at raw_len + 1 bytes.
-        out = dec.decompress(bytes(payload), max_length=raw_len + 1)
+        out: bytes = dec.decompress(bytes(payload), max_length=raw_len + 1)
     except (ZstdError, lzma.LZMAError) as e:
         raise DeltaCorrupt(f"stream does not decompress: {e}") from e
     if len(out) > raw_len:

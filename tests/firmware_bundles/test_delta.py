@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from firmware_bundles.codec import chunk as chunk_mod
 from firmware_bundles.codec.chunk import Tag
 from firmware_bundles.codec.streams import Codec, encode_stream, put_uvarint
 from firmware_bundles.delta import (
@@ -247,3 +248,52 @@ def test_full_chunk_declaring_fewer_bytes_is_truncated() -> None:
         list(decode_chunk(chunk, 4, None))
     with pytest.raises(SizeExceeded):
         list(decode_chunk(chunk, 2, None))
+
+
+@pytest.fixture
+def numpy_apply(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Force the numpy fallback (what runs where the C helper could not be built)."""
+    monkeypatch.setattr(chunk_mod, "_native", None)
+
+
+@pytest.mark.usefixtures("numpy_apply")
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**32), size=st.integers(0, 20000), edits=st.integers(0, 10))
+def test_numpy_fallback_roundtrip(tmp_path: Path, seed: int, size: int, edits: int) -> None:
+    rng = random.Random(seed)
+    old = _code_like(rng, size)
+    _roundtrip(tmp_path, old, _mutate(rng, old, edits))
+
+
+@pytest.mark.usefixtures("numpy_apply")
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_numpy_fallback_refuses_corruption(tmp_path: Path, data: st.DataObject) -> None:
+    old, _, chunks = _delta_chunks(tmp_path)
+    c = data.draw(st.sampled_from(chunks))
+    pos = data.draw(st.integers(0, len(c.data) - 1))
+    bad = bytearray(c.data)
+    bad[pos] ^= 1 << data.draw(st.integers(0, 7))
+    try:
+        out = b"".join(decode_chunk(bytes(bad), c.out_size, BytesBaseReader(old)))
+    except BundleRejected as e:
+        assert e.code in {"bundle.truncated", "bundle.delta_corrupt", "bundle.size_exceeded"}  # noqa: PT017
+    else:
+        assert len(out) == c.out_size
+
+
+def test_c_and_numpy_agree_on_a_coarse_coded_diff(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Dense small changes with regular spacing (like a relocated pointer table).
+    rng = random.Random(9)
+    old = bytearray(_code_like(rng, 300_000))
+    new = bytearray(old)
+    for i in range(0, len(new), 8):
+        new[i] = (new[i] + 3) % 256
+    chunks = _roundtrip(tmp_path, bytes(old), bytes(new), chunk=65536)
+    monkeypatch.setattr(chunk_mod, "_native", None)
+    assert _apply(chunks, bytes(old)) == bytes(new)
+
+
+def test_c_helper_is_built() -> None:
+    # The install builds it (setup.py); without it apply is slower and needs more memory.
+    assert chunk_mod._native is not None
