@@ -27,12 +27,18 @@ class DeviceSpec:
     index: int  # position in the fleet (shards and seeds derive from it)
 
 
-def fleet_specs(scenario: Scenario) -> list[DeviceSpec]:
-    """Every device of the scenario, with stable ids ``<prefix>-<n>``."""
+def fleet_specs(scenario: Scenario, run_tag: str = "") -> list[DeviceSpec]:
+    """Every device of the scenario, with stable ids ``[<run tag>-]<prefix>-<n>``.
+
+    A run on a shared broker passes a ``run_tag``: retained state of an earlier run's devices
+    must never be mistaken for this run's.
+    """
     out: list[DeviceSpec] = []
     counters: dict[str, int] = {}
     for group in scenario.fleet:
         prefix = group.id_prefix or f"{group.site}-{group.hardware}"
+        if run_tag:
+            prefix = f"{run_tag}-{prefix}"
         for _ in range(group.count):
             n = counters.get(prefix, 0) + 1
             counters[prefix] = n

@@ -32,6 +32,7 @@ class DeviceResult:
     outcome: Outcome
     version: str | None  # version in the slot that boots next
     error: str | None = None  # last stable error code the device reported
+    message: str | None = None  # and its one-line message
     faults: tuple[str, ...] = ()
     boots: int = 0
     power_cuts: int = 0
@@ -69,6 +70,9 @@ class RunResult:
     messages: int = 0  # MQTT messages the devices sent and received
     processes: int = 1
     peak_rss_bytes: int = 0
+    worker_rss_bytes: int = 0  # peak RSS summed over device worker processes
+    rollout_seconds: float = 0.0  # rollout start to settled (or timeout)
+    raw_broker_rate: float | None = None  # bench: raw broker msgs/s measured in the same run
     endpoints: dict[str, str] = field(default_factory=dict)  # broker, controller, dashboard
     timeline: list[dict[str, Any]] = field(default_factory=list)  # rollout decisions, faults
     notes: list[str] = field(default_factory=list)
@@ -110,6 +114,10 @@ def check(result: RunResult) -> list[Check]:
             out.append(Check(f"at least {lo} {label}", have >= lo, f"{have} {label}"))
         if hi is not None:
             out.append(Check(f"at most {hi} {label}", have <= hi, f"{have} {label}"))
+    if e.pending_max is not None:
+        have = c[Outcome.PENDING]
+        out.append(Check(f"at most {e.pending_max} still mid-update", have <= e.pending_max,
+                         f"{have} pending"))
     for de in e.devices:
         chosen = [d for d in result.devices if _matches(de.select, d)]
         # Devices never commanded (the rollout stopped first) are not held to the expectation.
@@ -159,6 +167,8 @@ def to_json(result: RunResult, checks: list[Check]) -> dict[str, Any]:
         "wall_seconds": round(result.wall_seconds, 3),
         "processes": result.processes,
         "peak_rss_bytes": result.peak_rss_bytes,
+        "worker_rss_bytes": result.worker_rss_bytes,
+        "rollout_seconds": round(result.rollout_seconds, 3),
         "messages": result.messages,
         "bundle_bytes": result.bundle_bytes,
         "rollout": {"state": result.rollout_state, "reason": result.rollout_reason},

@@ -23,6 +23,7 @@ import resource
 import shutil
 import tempfile
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ class RunOptions:
     progress: bool = True
     api_port: int | None = None  # serve the controller's HTTP API on this port during the run
     narrate: Callable[[str, str], None] | None = None  # (step, detail) as the run goes
+    measure_broker: Callable[[str], float] | None = None  # bench: raw rate, same broker
 
 
 @dataclass
@@ -135,7 +137,9 @@ def run(scenario: Scenario, options: RunOptions, *, console: Any = None,
             f"{scenario.firmware.image_size // 1024} KiB images, {scenario.firmware.payload} "
             f"bundle of {fw.bundle_bytes // 1024} KiB, signed and uploaded "
             f"({fw.build_seconds:.1f} s)")
-        specs = plan.fleet_specs(scenario)
+        # On a broker others use, tag the ids: retained state from earlier runs is not ours.
+        run_tag = "" if broker.restartable else f"r{uuid.uuid4().hex[:5]}"
+        specs = plan.fleet_specs(scenario, run_tag)
         t_enroll = time.monotonic()
         firmware.register_fleet(scenario, specs, controller)
         say("fleet", f"{len(specs)} devices enrolled at {len(scenario.sites)} sites "
@@ -244,9 +248,12 @@ def _drive(  # noqa: PLR0917 - one call site, the steps of run()
     finally:
         if view is not None:
             view.stop()
+    rollout_seconds = time.monotonic() - run_start
+    timeline.append({"t": round(rollout_seconds, 2), "what": f"rollout {status.get('state')}"})
     timeline.extend({"t": None, "what": f"controller: {d['action']}", "detail": d["detail"]}
                     for d in status.get("decisions", [])[::-1])
     stop.set()
+    raw_rate = options.measure_broker(broker.url) if options.measure_broker else None
     deadline = time.monotonic() + 30
     while len(live.results) < len(workers) and time.monotonic() < deadline:
         _drain(inbox, live, 0.25)
@@ -270,12 +277,26 @@ def _drive(  # noqa: PLR0917 - one call site, the steps of run()
         rollout_state=status.get("state", "unknown"), rollout_reason=status.get("reason") or None,
         bundle_bytes=fw.bundle_bytes, messages=sum(live.messages.values()),
         processes=len(workers), peak_rss_bytes=own_rss + sum(live.rss.values()),
+        worker_rss_bytes=sum(live.rss.values()), rollout_seconds=rollout_seconds,
+        raw_broker_rate=raw_rate,
         endpoints={"broker": broker.url, "broker_kind": broker.kind,
                    "database": _redacted(controller.database_url)},
         timeline=timeline,
         notes=[f"controller restarts: {controller.restarts}",
-               f"controller tick errors: {controller.tick_errors}"],
+               f"controller tick errors: {controller.tick_errors}",
+               *_gateway_notes(controller)],
     )
+
+
+def _gateway_notes(controller: Controller) -> list[str]:
+    """What the controller's gateway dropped or received (diagnosis of lost reports)."""
+    try:
+        stats = controller.gateway.stats
+        drops = dict(stats.drops.counts)
+        return [f"gateway received: {dict(stats.received)}", f"gateway drops: {drops}",
+                f"gateway inbox errors: {stats.inbox_errors}"]
+    except Exception as e:  # diagnostics must never fail a run
+        return [f"gateway stats unavailable: {e}"]
 
 
 MARKER = ".slotline-sim"

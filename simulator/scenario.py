@@ -220,6 +220,7 @@ class Expect:
     committed_max: int | None = None
     reverted_min: int | None = None
     reverted_max: int | None = None
+    pending_max: int | None = None  # devices still mid-update when the run ended
     devices: tuple[DeviceExpectation, ...] = ()
     sites: tuple[SiteExpectation, ...] = ()
 
@@ -669,6 +670,7 @@ def _expect(ctx: _Ctx, path: Path, v: Any, sites: set[str], hardware: set[str]) 
         committed_max=t.get("committed_max", k["nat"], None),
         reverted_min=t.get("reverted_min", k["nat"], None),
         reverted_max=t.get("reverted_max", k["nat"], None),
+        pending_max=t.get("pending_max", k["nat"], None),
         devices=t.get("devices", devices, ()),
         sites=t.get("sites", site_bounds, ()),
     )

@@ -295,6 +295,8 @@ class VirtualDevice:
         # Connect before the agent reconciles: a trial boot's self-test checks the controller,
         # and the runtime starts its transport only after that reconciliation.
         await transport.start()
+        # A booting device's first words (a revert's result event) must not race the CONNACK.
+        await inner.client.wait_connected(10.0)
         task = asyncio.ensure_future(agent.run())
         cut = self._cut_after() if fs is not None else None
         try:
@@ -385,6 +387,7 @@ def outcome_of(dev: VirtualDevice) -> DeviceResult:
     result = state.last_result if state else None
     phase = state.phase.value if state else "idle"
     error = result.code if result else None
+    message = result.message if result else None
     never = version == dev.fw.to_version and dev._fault(FaultKind.NEVER_BOOTS, version)  # noqa: SLF001
     if version is None or never:
         outcome = Outcome.BRICKED
@@ -403,6 +406,7 @@ def outcome_of(dev: VirtualDevice) -> DeviceResult:
     return DeviceResult(
         device_id=dev.spec.device_id, hardware=dev.spec.hardware, site=dev.spec.site,
         tags=tuple(sorted(dev.spec.tags)), outcome=outcome, version=version, error=error,
+        message=message,
         faults=tuple(f.kind.value for f in dev.faults), boots=dev.stats.boots,
         power_cuts=dev.stats.power_cuts, finished_at=dev.stats.finished_at,
     )
