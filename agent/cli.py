@@ -25,6 +25,7 @@ from typing import Any
 import click
 
 DEFAULT_CONFIG = "/etc/slotline/agent.toml"
+REBOOT_GRACE = 300.0  # seconds `agent run` waits for the requested reboot to take it down
 
 
 class _SystemClock:
@@ -208,7 +209,12 @@ def run(config: str) -> None:
     _tune_malloc()
     with _locked(cfg.journal):
         outcome = asyncio.run(main())
-    click.echo(f"agent {outcome}")
+        click.echo(f"agent {outcome}")
+        if outcome == "reboot":
+            # Keep the lock and do not exit until the shutdown kills us: an exit would let
+            # systemd restart the agent before the reboot, which would count as a switch that
+            # never landed.
+            time.sleep(REBOOT_GRACE)
 
 
 @agent.command()

@@ -191,27 +191,33 @@ class MemorySource:
 
 
 class TransportSource:
-    """Chunks from the controller through the Transport, ``window`` at a time."""
+    """Chunks from the controller through the Transport, reordered into index order.
+
+    The transport keeps ``window`` requests in flight and paces them (its throttle), so the
+    reorder buffer holds at most about that many chunks; more means a misbehaving link.
+    """
+
+    retryable = True
 
     def __init__(self, transport: Transport, bundle_id: str, *, window: int = 4) -> None:
         self._t = transport
         self._bundle = bundle_id
-        self._window = max(1, window)
+        self._limit = max(16, 4 * window)
 
     async def fetch(self, start: int, count: int) -> AsyncIterator[tuple[int, bytes]]:
-        """Request a window, yield it in index order, next window."""
+        """Ask for ``start..count-1`` at once; yield in index order as they arrive."""
         index = start
-        while index < count:
-            wanted = list(range(index, min(count, index + self._window)))
-            got: dict[int, bytes] = {}
-            async for i, data in self._t.fetch_chunks(self._bundle, wanted):
-                if i in wanted:
-                    got[i] = data
-                while index in got:
-                    yield index, got.pop(index)
-                    index += 1
-            if index < (wanted[-1] + 1):
-                raise TransferError(f"chunk {index} of {self._bundle} did not arrive")
+        got: dict[int, bytes] = {}
+        async for i, data in self._t.fetch_chunks(self._bundle, list(range(start, count))):
+            if index <= i < count:
+                got[i] = data
+            if len(got) > self._limit:
+                raise TransferError(f"chunk {index} of {self._bundle} is overtaken by {len(got)}")
+            while index in got:
+                yield index, got.pop(index)
+                index += 1
+        if index < count:
+            raise TransferError(f"chunk {index} of {self._bundle} did not arrive")
 
 
 class _SlotBase:
