@@ -22,6 +22,7 @@ Rules:
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -327,15 +328,14 @@ class ReleaseStore:
     # ------------------------------------------------------------------ payloads
 
     def prepare_payloads(self, rollout_id: int) -> int:
-        """Make one delta per base digest among the rollout's devices that lacks a payload.
+        """Make the payloads a rollout's devices need; returns how many were made.
 
-        A base is usable when its image is in ``images/`` (an earlier release rebuilt it) and
-        the release's target image is there too. Returns the number of payloads made.
+        One delta per active-slot digest among its devices that has no payload yet, when the
+        base image is in ``images/`` (an earlier release rebuilt it) and the release's target
+        image is too; a delta not smaller than the full payload is dropped (the device gets the
+        full one). If the release ships no full payload and some device's digest has no delta
+        (or is unknown), a full payload is made from the target image: the full image fallback.
         """
-        from firmware_bundles.bundle import encode_payload  # noqa: PLC0415
-        from firmware_bundles.keys import parse_envelope  # noqa: PLC0415
-        from firmware_bundles.payload import sign_payload_doc  # noqa: PLC0415
-
         with self.svc.sessions() as s:
             ro = s.get(m.Rollout, rollout_id)
             assert ro is not None
@@ -349,38 +349,83 @@ class ReleaseStore:
                     .distinct()
                 )
             )
-            have = {p.base_sha256 for p in self._payloads(s, release.bundle_id)}
+            payloads = self._payloads(s, release.bundle_id)
+        have = {x.base_sha256 for x in payloads if x.base_sha256}
+        full_size = min((x.size for x in payloads if x.base_sha256 is None), default=None)
         target = self.image_dir / release.target_sha256
+        if not target.exists():
+            return 0
         made = 0
+        need_full = None in digests
         for digest in sorted(d for d in digests if d and d not in have):
             base = self.image_dir / digest
-            if not (base.exists() and target.exists()) or digest == release.target_sha256:
+            if digest == release.target_sha256:
                 continue
-            try:
-                payload = encode_payload(target, base, self.store.put)
-            except (BundleError, OSError) as e:
-                log.warning("delta from %s for %s failed: %s", digest[:12], release.bundle_id, e)
+            if not base.exists():
+                need_full = True
                 continue
-            # Keep the smaller of delta and full: a delta can be larger than the image.
-            now = int(self.svc.clock())
-            env = parse_envelope(json.loads(release.manifest))
-            doc = sign_payload_doc(
-                payload, env, [self.command_key()], created=now, expires=now + PAYLOAD_DOC_LIFETIME
-            )
-            with self.svc.sessions.begin() as s:
-                s.add(
-                    m.Payload(
-                        payload_id=f"{release.bundle_id}@{digest[:16]}",
-                        release_id=release.bundle_id,
-                        kind=payload.kind.value,
-                        base_sha256=digest,
-                        chunks=[c.to_json() for c in payload.chunks],
-                        size=payload.stored_size,
-                        doc=doc,
-                    )
-                )
+            if self._make_payload(release, target, base, digest, full_size):
+                made += 1
+            else:
+                need_full = True
+        if (
+            need_full
+            and full_size is None
+            and self._make_payload(release, target, None, None, None)
+        ):
             made += 1
         return made
+
+    def _make_payload(
+        self,
+        release: m.Release,
+        target: Path,
+        base: Path | None,
+        digest: str | None,
+        limit: int | None,
+    ) -> bool:
+        """Encode, keep if smaller than ``limit``, sign as a payload doc, record. True if kept."""
+        from firmware_bundles.bundle import encode_payload  # noqa: PLC0415
+        from firmware_bundles.keys import parse_envelope  # noqa: PLC0415
+        from firmware_bundles.payload import sign_payload_doc  # noqa: PLC0415
+
+        added: list[str] = []
+
+        def sink(data: bytes) -> None:
+            name = hashlib.sha256(data).hexdigest()
+            if not self.store.has(name):
+                added.append(name)
+            self.store.put(data, name)
+
+        try:
+            payload = encode_payload(target, base, sink)
+        except (BundleError, OSError) as e:
+            log.warning("payload from %s for %s failed: %s", digest, release.bundle_id, e)
+            payload = None
+        if payload is None or (limit is not None and payload.stored_size >= limit):
+            # A delta can be larger than the image: the full payload is the better offer.
+            for name in added:
+                self.store.remove(name)
+            return False
+        now = int(self.svc.clock())
+        env = parse_envelope(json.loads(release.manifest))
+        doc = sign_payload_doc(
+            payload, env, [self.command_key()], created=now, expires=now + PAYLOAD_DOC_LIFETIME
+        )
+        suffix = digest[:16] if digest else "full"
+        with self.svc.sessions.begin() as s:
+            s.add(
+                m.Payload(
+                    payload_id=f"{release.bundle_id}@{suffix}",
+                    release_id=release.bundle_id,
+                    kind=payload.kind.value,
+                    base_sha256=digest,
+                    chunks=[c.to_json() for c in payload.chunks],
+                    size=payload.stored_size,
+                    doc=doc,
+                )
+            )
+        return True
 
     def install_plan(self, s: Session, release: m.Release, rollout_id: int) -> InstallPlan:
         """What install commands of ``release`` carry, loaded once per scheduler batch."""

@@ -11,7 +11,7 @@ from controller.db import models as m
 from controller.errors import Conflict, RequirementsUnmet, RolloutError
 from controller.rollout import planner as p
 from controller.rollout.scheduler import PhaseSpec
-from firmware_bundles.bundle import hash_file
+from firmware_bundles.bundle import hash_file, verify_release
 from firmware_bundles.commands import verify_command
 
 
@@ -330,3 +330,46 @@ def test_api_created_rollout_gets_its_deltas_on_the_next_tick_then_is_ready(svc,
         "delta",
         "full",
     ]
+
+
+def test_delta_not_smaller_than_full_is_dropped_for_the_full_payload(svc, fleet):
+    unrelated = fleet.image("other", seed=9)
+    fleet.upload(fleet.bundle(unrelated, "0.9"))
+    rel = fleet.upload(fleet.bundle(fleet.image("v3", seed=10), "3.0"))
+    fleet.enroll(2, digest=hash_file(unrelated).sha256)
+    svc.scheduler.create(
+        fleet.ops, name="r", release_id=rel["bundle_id"], phases=[PhaseSpec("all", 100, p.Gate())]
+    )
+    assert [x["kind"] for x in svc.releases.show(rel["bundle_id"])["payloads"]] == ["full"]
+
+
+def test_delta_only_release_gets_a_controller_made_full_payload_for_other_bases(svc, fleet):
+    v1 = fleet.image("v1", seed=1)
+    v2 = fleet.mutate(v1, "v2")
+    fleet.upload(fleet.bundle(v1, "1.0"))
+    rel = fleet.upload(fleet.bundle(v2, "2.0", base=v1))
+    fleet.enroll(1, digest=hash_file(v1).sha256, prefix="a")
+    fleet.enroll(1, digest="cd" * 32, prefix="b")
+    ro = svc.scheduler.create(
+        fleet.ops, name="r", release_id=rel["bundle_id"], phases=[PhaseSpec("all", 100, p.Gate())]
+    )
+    payloads = svc.releases.show(rel["bundle_id"])["payloads"]
+    assert sorted((x["kind"], x["controller_made"]) for x in payloads) == [
+        ("delta", False),
+        ("full", True),
+    ]
+    svc.scheduler.start(fleet.ops, ro["id"])
+    svc.tick()
+    svc.tick()
+    args = {c.device_id: json.loads(c.body)["signed"]["args"] for c in _commands(svc)}
+    assert "payload" not in args["a0000"]  # the release's own delta from v1
+    assert args["b0000"]["payload"]["signed"]["payload"]["kind"] == "full"
+    trust = svc.releases.trust()
+    verified = verify_release(
+        args["b0000"]["manifest"],
+        trust,
+        now=int(fleet.clock()),
+        payload_doc=args["b0000"]["payload"],
+        hardware="m1",
+    )
+    assert verified.payload.kind.value == "full"
