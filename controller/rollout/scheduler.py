@@ -31,7 +31,14 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from controller.db import models as m
-from controller.errors import Conflict, InvalidInput, NotFound, RequirementsUnmet, RolloutError
+from controller.errors import (
+    Conflict,
+    ControllerError,
+    InvalidInput,
+    NotFound,
+    RequirementsUnmet,
+    RolloutError,
+)
 from controller.ids import check_bundle_id, check_device_id, check_id
 from controller.rollout import planner as p
 from controller.rollout.states import DS
@@ -503,9 +510,24 @@ class Scheduler:
         with self.svc.sessions() as s:
             ids = list(s.scalars(select(m.Rollout.id).where(m.Rollout.state == "running")))
         for rid in ids:
-            taken += self._tick_one(rid, now)
+            try:
+                taken += self._tick_one(rid, now)
+            except ControllerError as e:
+                # The round was rolled back; a rollout that cannot go on (no command key, ...)
+                # pauses with the reason instead of failing every round unseen.
+                taken.append(self._pause_for(rid, now, f"{e.code}: {e}"))
+            except Exception:
+                log.exception("scheduler round of rollout %s failed; retrying next round", rid)
         self.publish_pending()
         return taken
+
+    def _pause_for(self, rollout_id: int, now: float, reason: str) -> dict[str, Any]:
+        with self.svc.sessions.begin() as s:
+            ro = self._load(s, rollout_id)
+            if ro.state == "running":
+                ro.state, ro.reason = "paused", reason
+                self._decide(s, rollout_id, now, "scheduler", "PauseRollout", reason=reason)
+        return {"rollout": rollout_id, "action": "PauseRollout", "reason": reason}
 
     def _tick_one(self, rollout_id: int, now: float) -> list[dict[str, Any]]:
         with self.svc.sessions.begin() as s:

@@ -11,6 +11,7 @@ from controller.db import models as m
 from controller.errors import Conflict, RequirementsUnmet, RolloutError
 from controller.rollout import planner as p
 from controller.rollout.scheduler import PhaseSpec
+from controller.service import ControllerService
 from firmware_bundles.bundle import hash_file, verify_release
 from firmware_bundles.commands import verify_command
 
@@ -373,3 +374,22 @@ def test_delta_only_release_gets_a_controller_made_full_payload_for_other_bases(
         hardware="m1",
     )
     assert verified.payload.kind.value == "full"
+
+
+def test_rollout_that_cannot_sign_pauses_with_the_reason(svc, fleet, release, data_dir):
+    fleet.enroll(2, digest=release["v1"])
+    ro = svc.scheduler.create(
+        fleet.ops, name="r", release_id=release["id"], phases=[PhaseSpec("all", 100, p.Gate())]
+    )
+    svc.scheduler.start(fleet.ops, ro["id"])
+    (data_dir / "keys" / "command.key").unlink()
+    restarted = ControllerService(svc.config, clock=svc.clock)  # the key file is gone
+    try:
+        restarted.tick()
+        restarted.tick()
+        st = restarted.scheduler.status(ro["id"])
+        assert st["state"] == "paused"
+        assert st["reason"].startswith("controller.no_command_key")
+        assert _commands(restarted) == []
+    finally:
+        restarted.close()
