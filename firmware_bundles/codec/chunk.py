@@ -4,6 +4,9 @@ A chunk is self-contained: it decodes from its own bytes plus reads of the base 
 positions it names, into exactly ``out_size`` bytes.
 
 ``FULL``  (tag 0x01): ``stream(new bytes)``.
+``PREFIX`` (tag 0x03): ``start:uleb | length:uleb | zstd frame``: the chunk compressed by zstd
+with ``base[start:start+length]`` (at most ``2 * out_size`` bytes) as its prefix, like
+``zstd --patch-from`` limited to one window; wins where code was rewritten rather than moved.
 ``PATCH`` (tag 0x02): ``nwin:uleb | ncov:uleb | nrun:uleb | stream(windows) | stream(covers) |
 stream(zero runs) | stream(value runs) | stream(values) | stream(literals)``.
 
@@ -31,7 +34,13 @@ from typing import Protocol
 
 import numpy as np
 
-from firmware_bundles.codec.streams import decode_stream, get_uvarint
+from firmware_bundles.codec.streams import (
+    decode_all,
+    decode_prefixed,
+    decode_stream,
+    get_uvarint,
+    parse_stream,
+)
 from firmware_bundles.errors import DeltaCorrupt, SizeExceeded, Truncated
 
 try:  # the C apply loop (setup.py builds it); the numpy path below is the fallback
@@ -48,6 +57,7 @@ class Tag(enum.IntEnum):
 
     FULL = 0x01
     PATCH = 0x02
+    PREFIX = 0x03
 
 
 class Reader(Protocol):
@@ -106,8 +116,10 @@ def decode_chunk(data: bytes, out_size: int, base: Reader | None) -> Iterator[by
         if len(raw) != out_size:
             raise Truncated("full chunk shorter than its out_size")
         out: bytes | bytearray = raw
-    else:
+    elif tag is Tag.PATCH:
         out = _decode_patch(view, out_size, base)
+    else:
+        out = _decode_prefix(view, out_size, base)
     # The chunk is already one buffer of out_size bytes: hand it out without copying.
     yield bytes(out) if isinstance(out, bytearray) else out
 
@@ -120,14 +132,13 @@ def _decode_patch(view: memoryview, out_size: int, base: Reader | None) -> bytes
     nrun, pos = get_uvarint(view, pos)
     if max(nwin, ncov, nrun) > out_size:
         raise DeltaCorrupt("more windows, covers or runs than output bytes")
-    wraw, pos = decode_stream(view, pos, nwin * 12)
-    ctrl, pos = decode_stream(view, pos, ncov * 12)
-    zruns, pos = decode_stream(view, pos, nrun * 10)
-    nzruns, pos = decode_stream(view, pos, nrun * 10)
-    values, pos = decode_stream(view, pos, out_size)
-    lit, pos = decode_stream(view, pos, out_size)
+    refs = []
+    for limit in (nwin * 12, ncov * 12, nrun * 10, nrun * 10, out_size, out_size):
+        ref, pos = parse_stream(view, pos, limit)
+        refs.append(ref)
     if pos != len(view):
         raise DeltaCorrupt("trailing bytes after a delta chunk")
+    wraw, ctrl, zruns, nzruns, values, lit = decode_all(refs)
     if len(wraw) != nwin * 12 or len(ctrl) != ncov * 12:
         raise DeltaCorrupt("window or cover table of the wrong size")
     window = _read_windows(wraw, nwin, out_size, base)
@@ -140,6 +151,19 @@ def _decode_patch(view: memoryview, out_size: int, base: Reader | None) -> bytes
         return out
     return _apply_numpy(np.frombuffer(window, np.uint8), ctrl, ncov, zruns=zruns,
                         nzruns=nzruns, nrun=nrun, values=values, lit=lit, out_size=out_size)
+
+
+def _decode_prefix(view: memoryview, out_size: int, base: Reader | None) -> bytes:
+    if base is None:
+        raise DeltaCorrupt("a delta chunk needs a base image")
+    start, pos = get_uvarint(view, 1)
+    length, pos = get_uvarint(view, pos)
+    if length > max(2 * out_size, 1) or start > base.size or length > base.size - start:
+        raise DeltaCorrupt("prefix window outside the base image or too large")
+    window = base.pread(start, length)
+    if len(window) != length:
+        raise DeltaCorrupt("base image too short for this delta")
+    return decode_prefixed(view[pos:], window, out_size)
 
 
 def _read_windows(wraw: bytes, nwin: int, out_size: int, base: Reader) -> bytes:

@@ -23,6 +23,7 @@ from firmware_bundles.codec.matcher import Covers
 from firmware_bundles.codec.streams import (
     StreamOptions,
     ZstdCompressor,
+    encode_prefixed,
     encode_stream,
     put_uvarint,
 )
@@ -53,6 +54,31 @@ class RawChunk:
 def full_chunk(raw: bytes) -> bytes:
     """A FULL chunk of ``raw``."""
     return bytes((Tag.FULL,)) + encode_stream(raw, FULL_OPTIONS)
+
+
+def prefix_chunk(old: bytes, covers: Covers, c0: int, c1: int, raw: bytes) -> bytes:
+    """A PREFIX chunk: ``raw`` zstd-coded against a window of the base (at most 2x its size).
+
+    The window is centred on where the chunk's covers point into the base, or on the same
+    offset when there are none.
+    """
+    out_size = c1 - c0
+    limit = 2 * out_size
+    n, ln = covers.new_pos, covers.length
+    lo_i = int(np.searchsorted(n + ln, c0, side="right"))
+    hi_i = int(np.searchsorted(n, c1, side="left"))
+    if hi_i > lo_i:
+        centre = int(np.median(covers.old_pos[lo_i:hi_i] - (covers.new_pos[lo_i:hi_i] - c0)))
+        centre += out_size // 2
+    else:
+        centre = c0 + out_size // 2
+    start = max(0, min(len(old) - limit, centre - limit // 2))
+    start = max(0, start)
+    window = old[start:start + limit]
+    head = bytearray((Tag.PREFIX,))
+    put_uvarint(head, start)
+    put_uvarint(head, len(window))
+    return bytes(head) + encode_prefixed(raw, window)
 
 
 def _windows(old_pos: np.ndarray, length: np.ndarray, budget: int) -> tuple[np.ndarray,
@@ -225,12 +251,16 @@ def iter_delta(old: bytes, new: bytes, covers: Covers, chunk_out_size: int,
         c1 = min(len(new), c0 + chunk_out_size)
         patch = patch_chunk(old_arr, new_arr, c0, c1, covers)
         raw = new[c0:c1]
-        # The strong full coding costs seconds per chunk; a level-3 zstd estimate tells when
-        # it cannot win (strong coders gain well under 2x over level 3 on real images).
-        if patch and len(patch) * 2 < len(quick_estimate(raw)):
-            return RawChunk(patch, c1 - c0)
-        full = full_chunk(raw)
-        return RawChunk(patch if patch and len(patch) < len(full) else full, c1 - c0)
+        # The strong full and prefix codings cost seconds per chunk; a level-3 zstd estimate
+        # tells when they cannot win (strong coders gain well under 2x over level 3, and a
+        # patch under a quarter of it leaves a prefix coding little to find).
+        estimate = len(quick_estimate(raw))
+        candidates = [patch] if patch else []
+        if not patch or len(patch) * 4 > estimate:
+            candidates.append(prefix_chunk(old, covers, c0, c1, raw))
+        if not patch or len(patch) * 2 > estimate:
+            candidates.append(full_chunk(raw))
+        return RawChunk(min(candidates, key=len), c1 - c0)
 
     starts = list(range(0, len(new), chunk_out_size))
     n_workers = workers or min(4, os.cpu_count() or 1)

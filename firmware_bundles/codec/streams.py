@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import enum
 import lzma
+import os
 import sys
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 if sys.version_info >= (3, 14):  # pragma: no cover - same API in the standard library
     from compression.zstd import (  # type: ignore[import-not-found]
@@ -24,6 +27,7 @@ if sys.version_info >= (3, 14):  # pragma: no cover - same API in the standard l
         DecompressionParameter,
         ZstdCompressor,
         ZstdDecompressor,
+        ZstdDict,
         ZstdError,
     )
 else:
@@ -32,13 +36,15 @@ else:
         DecompressionParameter,
         ZstdCompressor,
         ZstdDecompressor,
+        ZstdDict,
         ZstdError,
     )
 
 from firmware_bundles.errors import DeltaCorrupt, SizeExceeded, Truncated
 
-__all__ = ["Codec", "StreamOptions", "ZstdCompressor", "decode_stream", "encode_stream",
-           "get_uvarint", "put_uvarint"]
+__all__ = ["Codec", "StreamOptions", "StreamRef", "ZstdCompressor", "decode_all",
+           "decode_prefixed", "decode_stream", "encode_prefixed", "encode_stream",
+           "get_uvarint", "parse_stream", "put_uvarint"]
 
 # Largest decoded stream this build accepts: bounds every decoder buffer (chunks are at most
 # MAX_CHUNK_OUT bytes of output; a window stream may be twice that plus slack).
@@ -195,13 +201,29 @@ def _decompress(codec: Codec, payload: memoryview, raw_len: int, props: int) -> 
     return out
 
 
-def decode_stream(data: bytes | memoryview, pos: int, max_raw: int) -> tuple[bytes, int]:
-    """Decode the stream at ``pos``; return (raw bytes, next position).
+@dataclass(frozen=True)
+class StreamRef:
+    """A parsed stream header: what :meth:`decode` will decompress (checked up front)."""
+
+    codec: Codec
+    raw_len: int
+    props: int
+    payload: memoryview
+
+    def decode(self) -> bytes:
+        """Decompress to exactly ``raw_len`` bytes (errors as in :func:`decode_stream`)."""
+        if self.codec is Codec.RAW:
+            return bytes(self.payload)
+        return _decompress(self.codec, self.payload, self.raw_len, self.props)
+
+
+def parse_stream(data: bytes | memoryview, pos: int, max_raw: int) -> tuple[StreamRef, int]:
+    """Parse the stream header at ``pos``; return (stream, next position). No decompression.
 
     Raises:
         Truncated: the chunk ends inside the stream.
-        SizeExceeded: the stream declares or produces more than ``max_raw`` bytes.
-        DeltaCorrupt: unknown codec or the payload does not decode to the declared length.
+        SizeExceeded: the stream declares more than ``max_raw`` bytes.
+        DeltaCorrupt: unknown codec or inconsistent lengths.
     """
     view = memoryview(data)
     if pos >= len(view):
@@ -223,11 +245,83 @@ def decode_stream(data: bytes | memoryview, pos: int, max_raw: int) -> tuple[byt
     end = pos + comp_len
     if end > len(view):
         raise Truncated("chunk ends inside a stream")
-    payload = view[pos:end]
-    if codec is Codec.RAW:
-        if comp_len != raw_len:
-            raise DeltaCorrupt("raw stream length mismatch")
-        return bytes(payload), end
-    if raw_len == 0:
+    if codec is Codec.RAW and comp_len != raw_len:
+        raise DeltaCorrupt("raw stream length mismatch")
+    if codec is not Codec.RAW and raw_len == 0:
         raise DeltaCorrupt("empty streams are stored raw")
-    return _decompress(codec, payload, raw_len, props), end
+    return StreamRef(codec, raw_len, props, view[pos:end]), end
+
+
+def decode_stream(data: bytes | memoryview, pos: int, max_raw: int) -> tuple[bytes, int]:
+    """Decode the stream at ``pos``; return (raw bytes, next position).
+
+    Raises:
+        Truncated: the chunk ends inside the stream.
+        SizeExceeded: the stream declares or produces more than ``max_raw`` bytes.
+        DeltaCorrupt: unknown codec or the payload does not decode to the declared length.
+    """
+    ref, end = parse_stream(data, pos, max_raw)
+    return ref.decode(), end
+
+
+def _prefix_window_log(prefix_len: int, out_size: int) -> int:
+    return max(10, min(_ZSTD_WINDOW_LOG_MAX, (prefix_len + out_size - 1).bit_length()))
+
+
+def _as_prefix(prefix: bytes) -> Any:
+    # zstd refuses raw dictionaries under 8 bytes; such a window is simply not used.
+    return ZstdDict(prefix, is_raw=True).as_prefix if len(prefix) >= 8 else None
+
+
+def encode_prefixed(raw: bytes, prefix: bytes, level: int = 19) -> bytes:
+    """A zstd frame of ``raw`` that refers to ``prefix`` (``zstd --patch-from`` in memory)."""
+    comp = ZstdCompressor(options={
+        CompressionParameter.compression_level: level,
+        CompressionParameter.window_log: _prefix_window_log(len(prefix), len(raw)),
+        CompressionParameter.content_size_flag: 0,
+        CompressionParameter.checksum_flag: 0,
+        CompressionParameter.dict_id_flag: 0,
+    }, zstd_dict=_as_prefix(prefix))
+    return comp.compress(raw, ZstdCompressor.FLUSH_FRAME)
+
+
+def decode_prefixed(payload: memoryview, prefix: bytes, out_size: int) -> bytes:
+    """Inverse of :func:`encode_prefixed`, producing exactly ``out_size`` bytes.
+
+    Raises:
+        DeltaCorrupt, SizeExceeded: as :func:`decode_stream`.
+    """
+    try:
+        dec = ZstdDecompressor(
+            zstd_dict=_as_prefix(prefix),
+            options={DecompressionParameter.window_log_max: _ZSTD_WINDOW_LOG_MAX})
+        out: bytes = dec.decompress(bytes(payload), max_length=out_size + 1)
+    except ZstdError as e:
+        raise DeltaCorrupt(f"prefix chunk does not decompress: {e}") from e
+    if len(out) > out_size:
+        raise SizeExceeded("prefix chunk decodes to more than its out_size")
+    if len(out) < out_size or not dec.eof:
+        raise Truncated("prefix chunk decodes to fewer bytes than its out_size")
+    if dec.unused_data:
+        raise DeltaCorrupt("trailing bytes after a prefix chunk")
+    return out
+
+
+_POOL: ThreadPoolExecutor | None = None
+_PARALLEL_MIN = 64 << 10  # below this much compressed input, threads cost more than they save
+
+
+def decode_all(refs: list[StreamRef]) -> list[bytes]:
+    """Decode several streams of one chunk, large ones on two threads.
+
+    The decompressors release the GIL, so a chunk's values and run streams decode side by side.
+    """
+    global _POOL  # noqa: PLW0603 - one lazily made pool per process
+    if sum(len(r.payload) for r in refs) < _PARALLEL_MIN or (os.cpu_count() or 1) < 2:
+        return [r.decode() for r in refs]
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="delta-decode")
+    # Largest first, so the two threads finish close together.
+    order = sorted(range(len(refs)), key=lambda i: -len(refs[i].payload))
+    futures = {i: _POOL.submit(refs[i].decode) for i in order}
+    return [futures[i].result() for i in range(len(refs))]

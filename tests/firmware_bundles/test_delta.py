@@ -5,12 +5,15 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from firmware_bundles.codec import chunk as chunk_mod
 from firmware_bundles.codec.chunk import Tag
+from firmware_bundles.codec.encoder import prefix_chunk
+from firmware_bundles.codec.matcher import Covers
 from firmware_bundles.codec.streams import Codec, encode_stream, put_uvarint
 from firmware_bundles.delta import (
     BytesBaseReader,
@@ -297,3 +300,34 @@ def test_c_and_numpy_agree_on_a_coarse_coded_diff(tmp_path: Path, monkeypatch: p
 def test_c_helper_is_built() -> None:
     # The install builds it (setup.py); without it apply is slower and needs more memory.
     assert chunk_mod._native is not None
+
+
+def test_prefix_chunk_roundtrip_and_refusals() -> None:
+    rng = random.Random(12)
+    old = _code_like(rng, 50_000)
+    new = _mutate(rng, old, 40)[:40_000]
+    covers = Covers(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
+    data = prefix_chunk(old, covers, 0, len(new), new)
+    assert data[0] == Tag.PREFIX
+    assert len(data) < len(new) // 4
+    assert b"".join(decode_chunk(data, len(new), BytesBaseReader(old))) == new
+    with pytest.raises(DeltaCorrupt):
+        list(decode_chunk(data, len(new), None))
+    with pytest.raises(DeltaCorrupt):
+        list(decode_chunk(data, len(new), BytesBaseReader(old[:1000])))
+    with pytest.raises(BundleRejected):
+        list(decode_chunk(data[:-3], len(new), BytesBaseReader(old)))
+    with pytest.raises(SizeExceeded):
+        list(decode_chunk(data, len(new) - 1, BytesBaseReader(old)))
+    with pytest.raises(Truncated):
+        list(decode_chunk(data, len(new) + 1, BytesBaseReader(old)))
+
+
+def test_rewritten_image_picks_the_smallest_chunk_kind(tmp_path: Path) -> None:
+    # Code rewritten in many small places: covers are short, so the encoder may choose a
+    # prefix or full chunk; whatever it picks must round-trip and be no bigger than the others.
+    rng = random.Random(13)
+    old = _code_like(rng, 60_000)
+    new = _mutate(rng, old, 400)
+    chunks = _roundtrip(tmp_path, old, new, chunk=16384)
+    assert {c.data[0] for c in chunks} <= {Tag.FULL, Tag.PATCH, Tag.PREFIX}
