@@ -79,8 +79,9 @@ def _table(rows: list[dict[str, Any]], columns: list[str], title: str | None = N
     from rich.table import Table  # noqa: PLC0415
 
     table = Table(title=title)
-    for c in columns:
-        table.add_column(c)
+    for i, c in enumerate(columns):
+        # The first column is the id people copy: never wrapped.
+        table.add_column(c, no_wrap=i == 0, overflow="fold")
     for row in rows:
         table.add_row(*[_cell(row.get(c)) for c in columns])
     Console().print(table)

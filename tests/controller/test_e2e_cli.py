@@ -183,6 +183,12 @@ def test_operator_enrolls_uploads_and_rolls_out_through_the_cli(server, fleet_fi
     _run("rollout", "pause", str(ro["id"]), env=env)
     out = _run("rollout", "status", str(ro["id"]), env=env).stdout
     assert "paused by bootstrap-admin" in out
+    watched = _run("rollout", "status", str(ro["id"]), "--watch", "--interval", "0.2", env=env)
+    assert "paused" in watched.stdout  # --watch ends when the rollout stops moving
+    assert "gw-1" in _run("device", "show", "gw-1", env=env).stdout
+    assert rel["bundle_id"] in _run("release", "list", env=env).stdout
+    shown = json.loads(_run("release", "show", rel["bundle_id"], "--json", env=env).stdout)
+    assert shown["payloads"][0]["kind"] == "full"
     viewer = _run("token", "api", "--name", "v", "--role", "viewer", env=env).stdout.strip()
     denied = _run(
         "rollout",
