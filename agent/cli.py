@@ -65,6 +65,19 @@ def _tune_malloc() -> None:
         pass
 
 
+def _trim() -> None:
+    """Return memory freed by start-up (imports, verification) to the OS before streaming."""
+    import gc  # noqa: PLC0415
+
+    gc.collect()
+    try:
+        import ctypes  # noqa: PLC0415
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 @contextlib.contextmanager
 def _locked(journal: str) -> Iterator[None]:
     path = Path(journal).with_name(Path(journal).name + ".lock")
@@ -80,6 +93,29 @@ def _locked(journal: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+class _LazyVerifier:
+    """The command verifier, built on the first command.
+
+    Verifying Ed25519 loads ``cryptography`` (about 8 MiB of RSS); an idle agent that has not
+    received a command in this process does not need it. The trust root is read at start-up,
+    so a missing file still fails early; a root that does not verify is reported on the first
+    command with its code (``bundle.trust_invalid``).
+    """
+
+    def __init__(self, trust_root: bytes, device_id: str, hardware: str) -> None:
+        self._root = trust_root
+        self._device = device_id
+        self._hardware = hardware
+        self._inner: Any = None
+
+    def verify(self, raw: bytes, state: Any, now: float) -> Any:
+        if self._inner is None:
+            from agent.verify import make_verifier  # noqa: PLC0415
+
+            self._inner = make_verifier(self._root, device_id=self._device, hardware=self._hardware)
+        return self._inner.verify(raw, state, now)
 
 
 def _load(config: str) -> Any:
@@ -130,7 +166,6 @@ def _build(cfg: Any, *, transport: Any = None, power: Any = None, sources: Any =
     from agent.adapters.state_file import FileJournal  # noqa: PLC0415
     from agent.runtime import Agent, AgentConfig  # noqa: PLC0415
     from agent.selftest import CommandMigrations, SelfTestRunner  # noqa: PLC0415
-    from agent.verify import make_verifier  # noqa: PLC0415
 
     env = _bootenv(cfg)
     booted = _booted(cfg, env)
@@ -161,7 +196,7 @@ def _build(cfg: Any, *, transport: Any = None, power: Any = None, sources: Any =
         power=power or _SystemPower(),
         booted=booted,
         transport=transport,
-        verifier=make_verifier(trust_root, device_id=cfg.device_id, hardware=cfg.hardware),
+        verifier=_LazyVerifier(trust_root, cfg.device_id, cfg.hardware),
         selftest=SelfTestRunner(cfg.checks, deadline=cfg.selftest_deadline, transport=transport),
         migrations=CommandMigrations(cfg.migrate, cfg.undo, cfg.migration_timeout),
         sources=sources,
@@ -265,6 +300,9 @@ def install(bundle: str, config: str, reboot: bool) -> None:
             await the_agent._feed(Rejected(e.code, str(e)))  # noqa: SLF001 - record the refusal
             return the_agent, e
         release = release_of(opened.release)
+        from firmware_bundles import delta  # noqa: F401, PLC0415 - load the codec before the peak
+
+        _trim()
         source = SlbSource(path, opened, trust=trust, now=now, hardware=cfg.hardware)
         src[release.bundle_id] = source
         total = release.target_size

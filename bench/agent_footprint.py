@@ -31,9 +31,11 @@ from agent.adapters.bootenv import DEFAULT_ENV, RedundantEnv
 from agent.adapters.slots import FileSlots
 from agent.core.states import BootSlot
 from firmware_bundles.bundle import sign_manifest
+from firmware_bundles.commands import Action, sign_command
 from firmware_bundles.delta import encode_full
 from firmware_bundles.keys import SigningKey
 from firmware_bundles.manifest import CODEC_ID, ChunkEntry, ImageRef, Manifest, Payload, PayloadKind
+from firmware_bundles.protocol import Channel, device_topic
 from firmware_bundles.slb import write_slb
 from firmware_bundles.trust import Role, make_root, sign_root
 
@@ -163,13 +165,36 @@ def bench_idle(d: Path, seconds: float) -> dict[str, float]:
         time.sleep(3.0)  # start-up: imports, journal, first state publish
         if proc.poll() is not None:
             raise RuntimeError(f"agent run exited: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-        t0, c0 = time.monotonic(), _cpu_ticks(proc.pid)
-        rss = []
-        while time.monotonic() - t0 < seconds:
-            rss.append(_rss_kib(proc.pid))
-            time.sleep(0.5)
-        ticks = _cpu_ticks(proc.pid) - c0
-        elapsed = time.monotonic() - t0
+        first = _sample(proc.pid, seconds)
+        # one signed command (for another device: verified, then refused) loads the verifier
+        cmd = sign_command(
+            [KEYS[2]],
+            device="someone-else",
+            counter=1,
+            action=Action.CANCEL,
+            args={},
+            issued=int(time.time()),
+        )
+        subprocess.run(
+            [
+                "mosquitto_pub",
+                "-V",
+                "mqttv5",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                "1883",
+                "-q",
+                "1",
+                "-t",
+                device_topic("bench-1", Channel.CMD),
+                "-s",
+            ],
+            input=cmd,
+            check=True,
+        )
+        time.sleep(1.0)
+        after = _sample(proc.pid, seconds)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -177,12 +202,25 @@ def bench_idle(d: Path, seconds: float) -> dict[str, float]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    hz = os.sysconf("SC_CLK_TCK")
     return {
-        "idle_rss_mib": max(rss) / 1024,
-        "idle_cpu_percent": 100.0 * ticks / hz / elapsed,
-        "idle_seconds": elapsed,
+        "idle_rss_mib": first[0],
+        "idle_cpu_percent": first[1],
+        "idle_seconds": seconds,
+        "idle_rss_after_command_mib": after[0],
+        "idle_cpu_after_command_percent": after[1],
     }
+
+
+def _sample(pid: int, seconds: float) -> tuple[float, float]:
+    """Max RSS (MiB) and CPU % of ``pid`` over ``seconds``."""
+    t0, c0 = time.monotonic(), _cpu_ticks(pid)
+    rss = []
+    while time.monotonic() - t0 < seconds:
+        rss.append(_rss_kib(pid))
+        time.sleep(0.5)
+    ticks = _cpu_ticks(pid) - c0
+    elapsed = time.monotonic() - t0
+    return max(rss) / 1024, 100.0 * ticks / os.sysconf("SC_CLK_TCK") / elapsed
 
 
 def bench_apply(d: Path, size: int) -> dict[str, float]:
@@ -282,6 +320,16 @@ def main() -> None:
             f"agent idle CPU over {results['idle_seconds']:.0f} s",
             f"{results['idle_cpu_percent']:.2f} %",
             "~0 (no polling)",
+        ),
+        (
+            "agent idle RSS after verifying one signed command (verifier loaded)",
+            f"{results['idle_rss_after_command_mib']:.1f} MiB",
+            "<= 35 MiB",
+        ),
+        (
+            f"agent idle CPU over {results['idle_seconds']:.0f} s after that command",
+            f"{results['idle_cpu_after_command_percent']:.2f} %",
+            "~0",
         ),
         (
             f"peak RSS applying a {args.size_mib} MiB image (`slotline agent install`)",
