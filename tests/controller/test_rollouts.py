@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 from sqlalchemy import func, select
@@ -11,7 +12,7 @@ from controller.db import models as m
 from controller.errors import Conflict, RequirementsUnmet, RolloutError
 from controller.rollout import planner as p
 from controller.rollout.scheduler import PhaseSpec
-from controller.service import ControllerService
+from controller.service import ControllerConfig, ControllerService
 from firmware_bundles.bundle import hash_file, verify_release
 from firmware_bundles.commands import verify_command
 
@@ -393,3 +394,47 @@ def test_rollout_that_cannot_sign_pauses_with_the_reason(svc, fleet, release, da
         assert _commands(restarted) == []
     finally:
         restarted.close()
+
+
+@pytest.mark.postgres
+def test_two_replicas_ticking_together_command_each_device_once(
+    pg_db_url, data_dir, clock, tmp_path, fleet_cls
+):
+    config = ControllerConfig(database_url=pg_db_url, data_dir=data_dir)
+    a = ControllerService(config, clock=clock)
+    b = ControllerService(config, clock=clock)
+    try:
+        fleet = fleet_cls(a, tmp_path, clock)
+        v1 = fleet.image("v1", seed=1)
+        fleet.upload(fleet.bundle(v1, "1.0"))
+        rel = fleet.upload(fleet.bundle(fleet.mutate(v1, "v2"), "2.0"))
+        ids = fleet.enroll(40, digest=hash_file(v1).sha256)
+        ro = a.scheduler.create(
+            fleet.ops,
+            name="r",
+            release_id=rel["bundle_id"],
+            phases=[PhaseSpec("half", 50, p.Gate()), PhaseSpec("all", 100, p.Gate())],
+            max_in_flight=7,
+        )
+        a.scheduler.start(fleet.ops, ro["id"])
+        for _ in range(40):
+            barrier = threading.Barrier(2)
+
+            def round_(svc, barrier=barrier):
+                barrier.wait()
+                svc.tick()
+
+            threads = [threading.Thread(target=round_, args=(x,)) for x in (a, b)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            _report_all(a)
+            if a.scheduler.status(ro["id"])["state"] == "finished":
+                break
+        assert a.scheduler.status(ro["id"])["state"] == "finished"
+        installs = [c.device_id for c in _commands(a) if c.action == "install"]
+        assert sorted(installs) == sorted(ids)
+    finally:
+        a.close()
+        b.close()
