@@ -295,7 +295,61 @@ def create_app(service: ControllerService) -> Any:
     for verb in ("start", "pause", "resume", "abort", "rollback"):
         _steer(verb)
 
+    _document_security(app)
     return Guard(app, svc, svc.config.max_upload_bytes)
+
+
+def _document_security(app: FastAPI) -> None:
+    """Publish the bearer scheme and each route's permission in the OpenAPI document."""
+    from fastapi.openapi.utils import get_openapi  # noqa: PLC0415
+    from fastapi.routing import APIRoute  # noqa: PLC0415
+
+    from controller.api.guard import ROUTE_PERMS  # noqa: PLC0415
+    from controller.auth import ALLOWED  # noqa: PLC0415
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        schema.setdefault("components", {})["securitySchemes"] = {
+            "bearer": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "An API token from `slotline token api` or admin.token.",
+            }
+        }
+        error = {
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+                    }
+                }
+            }
+        }
+        for route in app.routes:
+            perm = ROUTE_PERMS.get(getattr(route, "name", ""))
+            if not isinstance(route, APIRoute) or perm is None:
+                continue
+            roles = ", ".join(sorted(r.value for r in ALLOWED[perm]))
+            for method in route.methods or ():
+                op = schema["paths"][route.path_format][method.lower()]
+                op["security"] = [{"bearer": []}]
+                op["description"] = (
+                    f"{op.get('description', '')}\n\nNeeds `{perm.value}` ({roles})."
+                ).strip()
+                op.setdefault("responses", {})["401"] = {
+                    "description": "missing, malformed, unknown or revoked token",
+                    **error,
+                }
+                op["responses"]["403"] = {"description": "role not allowed", **error}
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _rid(rollout_id: int) -> int:
