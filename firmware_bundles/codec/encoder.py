@@ -38,7 +38,7 @@ VALUE_OPTIONS = StreamOptions(lzma_lclppb=((0, 0, 0),), zstd_max_raw=256 << 10)
 # Zero runs at least this long are split out of the diff in the coarse coding.
 COARSE_ZERO_RUN = 512
 TRIAL_OPTIONS = StreamOptions(lzma_lclppb=((0, 0, 0),), lzma_preset=1, zstd_max_raw=0)
-COARSE_TRIAL_MARGIN = 1.1
+COARSE_TRIAL_MARGIN = 1.2
 LIT_OPTIONS = StreamOptions(lzma_x86=True)
 CTRL_OPTIONS = StreamOptions(lzma_lclppb=((0, 0, 0),))
 
@@ -252,13 +252,12 @@ def iter_delta(old: bytes, new: bytes, covers: Covers, chunk_out_size: int,
         patch = patch_chunk(old_arr, new_arr, c0, c1, covers)
         raw = new[c0:c1]
         # The strong full and prefix codings cost seconds per chunk; a level-3 zstd estimate
-        # tells when they cannot win (strong coders gain well under 2x over level 3, and a
-        # patch under a quarter of it leaves a prefix coding little to find).
+        # tells when they cannot win (strong coders gain well under 2x over level 3; a patch
+        # that small leaves a prefix coding little to find).
         estimate = len(quick_estimate(raw))
         candidates = [patch] if patch else []
-        if not patch or len(patch) * 4 > estimate:
-            candidates.append(prefix_chunk(old, covers, c0, c1, raw))
         if not patch or len(patch) * 2 > estimate:
+            candidates.append(prefix_chunk(old, covers, c0, c1, raw))
             candidates.append(full_chunk(raw))
         return RawChunk(min(candidates, key=len), c1 - c0)
 
