@@ -308,6 +308,7 @@ class Agent:
         self._download_task: asyncio.Task[None] | None = None
         self.events: deque[Mapping[str, Any]] = deque(maxlen=200)
         self._disk: ThreadPoolExecutor | None = None
+        self._failure: BaseException | None = None
         self.started = False
 
     # -- public API -----------------------------------------------------------------------
@@ -338,21 +339,29 @@ class Agent:
         self._maybe_download()
 
     async def run(self) -> str:
-        """Serve commands until :meth:`stop` or a reboot. Returns ``"stopped"`` or ``"reboot"``."""
-        if not self.started:
-            await self.start()
-        if self._reboot_requested:
-            return "reboot"
-        tasks: list[asyncio.Task[Any]] = [asyncio.create_task(self._stop.wait())]
-        if self.transport is not None:
-            await self.transport.start()
-            await self._publish_state()
-            tasks.append(asyncio.create_task(self._serve_commands()))
+        """Serve commands until :meth:`stop` or a reboot. Returns ``"stopped"`` or ``"reboot"``.
+
+        The transport starts first: a pending trial's self-test may need the controller, and
+        the events of reconciliation should reach it.
+        """
+        tasks: list[asyncio.Task[Any]] = []
         try:
+            if self.transport is not None:
+                await self.transport.start()
+            if not self.started:
+                await self.start()
+            if self._reboot_requested:
+                return "reboot"
+            tasks.append(asyncio.create_task(self._stop.wait()))
+            if self.transport is not None:
+                await self._publish_state()
+                tasks.append(asyncio.create_task(self._serve_commands()))
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for t in done:
                 if not t.cancelled() and t.exception() is not None:
                     raise t.exception()  # type: ignore[misc]
+            if self._failure is not None:
+                raise self._failure
         finally:
             for t in tasks:
                 t.cancel()
@@ -491,14 +500,28 @@ class Agent:
             and self.state.phase is Phase.DOWNLOADING
             and (self._download_task is None or self._download_task.done())
         ):
-            self._download_task = asyncio.create_task(self._download())
+            self._download_task = asyncio.create_task(self._download_guarded())
 
     async def _cancel_download(self) -> None:
         task = self._download_task
-        if task is not None and not task.done():
+        if task is None:
+            return
+        if not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+            with contextlib.suppress(BaseException):
                 await task
+        elif not task.cancelled():
+            task.exception()  # retrieved here; run() re-raises it as self._failure
+
+    async def _download_guarded(self) -> None:
+        try:
+            await self._download()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # AgentHalted, or PowerCut in the simulator: end run()
+            self._failure = e
+            self._stop.set()
+            raise
 
     async def _download(self) -> None:
         delay = self.config.retry_base
