@@ -180,6 +180,7 @@ def test_network_update_through_run_commits_with_controller_check(tmp_path) -> N
 
     agent = asyncio.run(second_boot())
     assert agent.state.phase is Phase.COMMITTED
-    assert agent.state.version == "2.0" and agent.state.security_version == 1
+    assert agent.state.version == "2.0"
+    assert agent.state.security_version == 1
     assert link.states[-1]["phase"] == "committed"
     assert any(e.get("outcome") == "committed" for e in link.events)
