@@ -222,6 +222,9 @@ def _apply_numpy(window: np.ndarray, ctrl: bytes, ncov: int, *, zruns: bytes, nz
         raise DeltaCorrupt("delta chunk inconsistent: cover outside the base window")
     zr = decode_uvarints(zruns, nrun)
     nz = decode_uvarints(nzruns, nrun)
+    if nrun and (int(zr.max()) > covered or int(nz.max()) > covered or int(zr.min()) < 0
+                 or int(nz.min()) < 0):  # bound each before summing (no int64 overflow)
+        raise DeltaCorrupt("delta chunk inconsistent: diff run longer than the covers")
     if int(zr.sum()) + int(nz.sum()) > covered or int(nz.sum()) != len(values):
         raise DeltaCorrupt("delta chunk inconsistent: diff runs do not fit the covers")
     diff = np.zeros(covered, np.uint8)

@@ -14,7 +14,14 @@ from firmware_bundles.codec import chunk as chunk_mod
 from firmware_bundles.codec.chunk import Tag
 from firmware_bundles.codec.encoder import prefix_chunk
 from firmware_bundles.codec.matcher import Covers
-from firmware_bundles.codec.streams import Codec, encode_stream, put_uvarint
+from firmware_bundles.codec.streams import (
+    Codec,
+    StreamOptions,
+    decode_stream,
+    encode_stream,
+    get_uvarint,
+    put_uvarint,
+)
 from firmware_bundles.delta import (
     BytesBaseReader,
     EncodedChunk,
@@ -331,3 +338,62 @@ def test_rewritten_image_picks_the_smallest_chunk_kind(tmp_path: Path) -> None:
     new = _mutate(rng, old, 400)
     chunks = _roundtrip(tmp_path, old, new, chunk=16384)
     assert {c.data[0] for c in chunks} <= {Tag.FULL, Tag.PATCH, Tag.PREFIX}
+
+
+@pytest.mark.parametrize("native", [True, False])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tag=st.sampled_from([1, 2, 3]), body=st.binary(max_size=200), out_size=st.integers(0, 5000))
+def test_hostile_chunks_only_fail_with_codes(monkeypatch: pytest.MonkeyPatch, native: bool,
+                                             tag: int, body: bytes, out_size: int) -> None:
+    if not native:
+        monkeypatch.setattr(chunk_mod, "_native", None)
+    base = BytesBaseReader(bytes(range(256)) * 40)
+    try:
+        out = b"".join(decode_chunk(bytes((tag,)) + body, out_size, base))
+    except BundleRejected as e:
+        assert e.code in {"bundle.truncated", "bundle.delta_corrupt", "bundle.size_exceeded"}  # noqa: PT017
+    else:
+        assert len(out) == out_size
+
+
+@pytest.mark.parametrize("native", [True, False])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_well_framed_but_forged_streams_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    native: bool, data: st.DataObject) -> None:
+    # Streams that decompress fine but carry forged tables (covers past the window, runs past
+    # the covers, wrong counts) reach the apply loop itself: it must refuse, not misbehave.
+    if not native:
+        monkeypatch.setattr(chunk_mod, "_native", None)
+    old, _, chunks = _delta_chunks(tmp_path)
+    c = next(c for c in chunks if c.data[0] == Tag.PATCH)
+    view = memoryview(c.data)
+    counts = []
+    pos = 1
+    for _ in range(3):
+        value, pos = get_uvarint(view, pos)
+        counts.append(value)
+    raws = []
+    for _ in range(6):
+        raw, pos = decode_stream(view, pos, 1 << 24)
+        raws.append(raw)
+    which = data.draw(st.integers(0, 5))
+    forged = bytearray(raws[which])
+    if forged and data.draw(st.booleans()):
+        for _ in range(data.draw(st.integers(1, 8))):
+            forged[data.draw(st.integers(0, len(forged) - 1))] = data.draw(st.integers(0, 255))
+    else:
+        forged = bytearray(data.draw(st.binary(max_size=64)))
+    raws[which] = bytes(forged)
+    if data.draw(st.booleans()):
+        counts[data.draw(st.integers(0, 2))] = data.draw(st.integers(0, 300))
+    head = bytearray((Tag.PATCH,))
+    for value in counts:
+        put_uvarint(head, value)
+    chunk = bytes(head) + b"".join(encode_stream(r, StreamOptions(lzma_lclppb=())) for r in raws)
+    try:
+        out = b"".join(decode_chunk(chunk, c.out_size, BytesBaseReader(old)))
+    except BundleRejected as e:
+        assert e.code in {"bundle.truncated", "bundle.delta_corrupt", "bundle.size_exceeded"}  # noqa: PT017
+    else:
+        assert len(out) == c.out_size
