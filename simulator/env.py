@@ -19,6 +19,7 @@ import logging
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,8 +125,11 @@ class Controller:
     """The real controller, in-process on its own thread (see module docstring)."""
 
     def __init__(self, database_url: str, data_dir: Path, broker_url: str, *,
-                 connect_timeout: float, tick: float = 0.25) -> None:
+                 connect_timeout: float, tick: float = 0.25, run_tag: str = "") -> None:
         self.database_url = database_url
+        # Per run: a broker others use may hold other controllers' sessions in the default
+        # shared-subscription group, and they would take a share of our devices' reports.
+        self.run_tag = run_tag or uuid.uuid4().hex[:8]
         self.data_dir = data_dir
         self.broker_url = broker_url
         self.connect_timeout = connect_timeout
@@ -172,8 +176,10 @@ class Controller:
         self._stop = threading.Event()
         # One client id across restarts: the broker keeps the gateway's persistent session (and
         # what devices sent meanwhile) for the controller that comes back.
-        settings = MqttSettings.from_url(self.broker_url, "slotline-sim-controller")
-        gateway = MqttGateway(settings, inbox=service, chunks=service)
+        settings = MqttSettings.from_url(self.broker_url, f"sim-controller-{self.run_tag}",
+                                         session_expiry=600)
+        gateway = MqttGateway(settings, inbox=service, chunks=service,
+                              share_group=f"sim{self.run_tag}")
         service.gateway = gateway
 
         async def main() -> None:

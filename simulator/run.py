@@ -201,6 +201,7 @@ def _drive(  # noqa: PLR0917 - one call site, the steps of run()
                            + (live.errors[0] if live.errors else "no message"))
         if time.monotonic() > deadline:
             raise SimError("devices did not all come up in time")
+    _wait_reported(controller, len(specs), deadline=time.monotonic() + 30 + len(specs) * 0.005)
     (options.narrate or (lambda _s, _d: None))(
         "devices", f"{len(specs)} virtual devices booted and connected "
         f"in {len(workers)} worker process{'es' if len(workers) > 1 else ''}")
@@ -286,6 +287,29 @@ def _drive(  # noqa: PLR0917 - one call site, the steps of run()
                f"controller tick errors: {controller.tick_errors}",
                *_gateway_notes(controller)],
     )
+
+
+def _wait_reported(controller: Controller, total: int, deadline: float) -> None:
+    """Wait until the controller knows every device's active image (its first state report).
+
+    An operator starts a rollout on a fleet that has reported in; the controller picks each
+    device's payload (delta for its base) from that report.
+    """
+    from sqlalchemy import func, select  # noqa: PLC0415
+
+    from controller.db import models as m  # noqa: PLC0415
+
+    while time.monotonic() < deadline:
+        svc = controller.service
+        with contextlib.suppress(Exception):
+            svc.drain_reports()
+        with svc.sessions() as s:
+            known = s.scalar(select(func.count()).select_from(m.Device)
+                             .where(m.Device.active_digest.is_not(None))) or 0
+        if known >= total:
+            return
+        time.sleep(0.2)
+    raise SimError(f"only {known} of {total} devices reported their state to the controller")
 
 
 def _gateway_notes(controller: Controller) -> list[str]:

@@ -271,7 +271,8 @@ class VirtualDevice:
         skew = sum(f.skew for f in self.faults if f.kind is FaultKind.CLOCK_SKEW)
         clock = _Clock(skew)
         settings = MqttSettings.from_url(self.broker_url, self.spec.device_id,
-                                         keepalive=30, backoff_initial=0.2, backoff_max=2.0)
+                                         keepalive=30, backoff_initial=0.2, backoff_max=2.0,
+                                         session_expiry=600)
         inner = MqttTransport(self.spec.device_id, settings, clock=clock, request_timeout=5.0)
         transport = LinkedTransport(inner, self.link, self.elapsed)
         fs = self.fs
