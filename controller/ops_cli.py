@@ -295,6 +295,11 @@ def rollout() -> None:
 @click.option("--soak", "soak_seconds", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--health-tolerance-pct", default=None, type=click.IntRange(0, 1000))
 @click.option(
+    "--health-metric",
+    default=None,
+    help="Health metric the gate compares (lower is better; default: errors).",
+)
+@click.option(
     "--on-failure",
     "error_action",
     type=click.Choice(["pause", "abort"]),
@@ -331,6 +336,7 @@ def rollout_create(  # noqa: PLR0917 (click passes options positionally)
     threshold_pct: int,
     soak_seconds: int,
     health_tolerance_pct: int | None,
+    health_metric: str | None,
     error_action: str,
     max_in_flight: int,
     max_in_flight_per_site: int | None,
@@ -367,6 +373,7 @@ def rollout_create(  # noqa: PLR0917 (click passes options positionally)
         "max_in_flight": max_in_flight,
         "max_in_flight_per_site": max_in_flight_per_site,
         "after_rollout": after_rollout,
+        "health_metric": health_metric,
     }
     if spec is not None:
         body = json.load(spec)
@@ -393,7 +400,12 @@ def _show_rollout(d: dict[str, Any]) -> None:
                 "in flight": c.get("commanded", 0),
                 "succeeded": c.get("succeeded", 0),
                 "failed": c.get("failed", 0),
-                "reason": g["reason"],
+                "reason": g["reason"]
+                + (
+                    "  " + ", ".join(f"{k} x{v}" for k, v in g.get("errors", {}).items())
+                    if g.get("errors")
+                    else ""
+                ),
             }
         )
     title = f"rollout {d['id']} {d['name']} ({d['release']}): {d['state']}"

@@ -263,6 +263,7 @@ def create_app(service: ControllerService) -> Any:
             max_in_flight_per_site=body.max_in_flight_per_site,
             after_rollout=body.after_rollout,
             prepare_now=False,
+            health_metric=body.health_metric,
         )
 
     @app.get(f"{API}/rollouts", tags=["rollouts"])

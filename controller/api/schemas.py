@@ -99,6 +99,7 @@ class RolloutCreate(_Strict):
     max_in_flight: Annotated[int, Field(ge=1, le=100_000)] = 100
     max_in_flight_per_site: Annotated[int, Field(ge=1, le=100_000)] | None = None
     after_rollout: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
+    health_metric: Short | None = None
 
 
 def as_dict(model: BaseModel) -> dict[str, Any]:

@@ -118,6 +118,7 @@ class Scheduler:
         max_in_flight_per_site: int | None = None,
         after_rollout: int | None = None,
         prepare_now: bool = True,
+        health_metric: str | None = None,
     ) -> dict[str, Any]:
         """Create a rollout with its groups and device assignments.
 
@@ -140,6 +141,7 @@ class Scheduler:
         """
         check_id(name, "rollout name")
         check_bundle_id(release_id)
+        health_metric = check_id(health_metric or self.svc.config.health_metric, "health metric")
         for x in (*hardware_models, *tags, *sites):
             check_id(x, "target filter")
         for trial_id in trial_devices:
@@ -211,6 +213,7 @@ class Scheduler:
                     "sites": list(sites),
                     "trial_devices": list(trial_devices),
                     "trial_tag": trial_tag,
+                    "health_metric": health_metric,
                 },
                 max_in_flight=max_in_flight,
                 max_in_flight_per_site=max_in_flight_per_site,
@@ -442,6 +445,17 @@ class Scheduler:
             if ro is None:
                 raise NotFound(f"rollout {rollout_id} does not exist")
             counts = self._state_counts(s, rollout_id)
+            errors: dict[int, dict[str, int]] = defaultdict(dict)
+            eq = (
+                select(m.RolloutDevice.group_id, m.RolloutDevice.error, func.count())
+                .where(
+                    m.RolloutDevice.rollout_id == rollout_id,
+                    m.RolloutDevice.state == DS.FAILED.value,
+                )
+                .group_by(m.RolloutDevice.group_id, m.RolloutDevice.error)
+            )
+            for gid, code, n in s.execute(eq).all():
+                errors[gid][code or "unknown"] = n
             groups = []
             for g in s.scalars(
                 select(m.RolloutGroup)
@@ -458,6 +472,7 @@ class Scheduler:
                         "gate": g.gate,
                         "gate_met_at": g.gate_met_at,
                         "reason": g.reason,
+                        "errors": dict(errors.get(g.id, {})),
                         "counts": dict(counts.get(g.id, {})),
                     }
                 )
@@ -579,7 +594,8 @@ class Scheduler:
         current = next((g for g in groups if g.state == "running"), None)
         health_upd = health_base = None
         if current is not None and gate_from_json(current.gate).health_tolerance_pct is not None:
-            health_upd, health_base = self._health(s, ro.id, current.id)
+            metric = ro.target.get("health_metric") or self.svc.config.health_metric
+            health_upd, health_base = self._health(s, ro.id, current.id, metric)
         out = {}
         for g in groups:
             c = raw.get(g.id, {})
@@ -593,8 +609,9 @@ class Scheduler:
             )
         return out
 
-    def _health(self, s: Session, rollout_id: int, group_id: int) -> tuple[float | None, ...]:
-        metric = self.svc.config.health_metric
+    def _health(
+        self, s: Session, rollout_id: int, group_id: int, metric: str
+    ) -> tuple[float | None, ...]:
         q = (
             select(m.RolloutDevice.group_id, m.RolloutDevice.state, m.Device.health)
             .join(m.Device, m.Device.id == m.RolloutDevice.device_id)

@@ -133,6 +133,7 @@ def test_failures_over_gate_pause_with_reason_and_resume_accepts_them(svc, fleet
     assert st["state"] == "paused"
     assert "devices failed" in st["reason"]
     assert st["groups"][0]["state"] == "error"
+    assert st["groups"][0]["errors"] == {"reverted": 10}
     svc.scheduler.resume(fleet.ops, ro["id"])
     svc.tick()
     assert svc.scheduler.status(ro["id"])["state"] in {"running", "finished"}
@@ -438,3 +439,27 @@ def test_two_replicas_ticking_together_command_each_device_once(
     finally:
         a.close()
         b.close()
+
+
+def test_health_gate_compares_the_metric_the_rollout_names(svc, fleet, release):
+    devices = fleet.enroll(6, digest=release["v1"])
+    for d in devices:
+        svc.on_state(d, {"health": {"errors": 1.0, "reboots": 0.0}})
+    gate = p.Gate(min_successes=2, health_tolerance_pct=0)
+    ro = svc.scheduler.create(
+        fleet.ops,
+        name="r",
+        release_id=release["id"],
+        trial_devices=devices[:2],
+        trial_gate=gate,
+        health_metric="reboots",
+        phases=[PhaseSpec("all", 100, p.Gate())],
+    )
+    svc.scheduler.start(fleet.ops, ro["id"])
+    svc.tick()
+    svc.tick()
+    _report_all(svc, health={"errors": 1.0, "reboots": 3.0})  # errors unchanged, reboots worse
+    svc.tick()
+    st = svc.scheduler.status(ro["id"])
+    assert st["state"] == "paused"
+    assert "health of updated devices 3" in st["reason"]
