@@ -554,6 +554,11 @@ class Scheduler:
                 return []
             if ro.after_rollout is not None:
                 prior = s.get(m.Rollout, ro.after_rollout)
+                if prior is not None and prior.state == "stopped":
+                    reason = f"rollout {prior.id} it waits for was stopped: {prior.reason}"
+                    ro.state, ro.reason = "paused", reason
+                    self._decide(s, ro.id, now, "scheduler", "PauseRollout", reason=reason)
+                    return [{"rollout": ro.id, "action": "PauseRollout", "reason": reason}]
                 if prior is not None and prior.state != "finished":
                     return []  # design 6: order multi-component rollouts
             groups = list(

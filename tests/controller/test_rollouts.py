@@ -253,6 +253,25 @@ def test_rollout_needing_another_component_waits_for_its_rollout(svc, fleet):
     assert {c.rollout_id for c in _commands(svc)} == {r_modem["id"], r_app["id"]}
 
 
+def test_rollout_waiting_for_a_stopped_one_pauses_with_the_reason(svc, fleet):
+    modem = fleet.upload(fleet.bundle(fleet.image("modem", seed=4), "2.2", component="modem"))
+    app = fleet.upload(
+        fleet.bundle(
+            fleet.image("app", seed=5), "3.0", component="app", requires={"modem": ">=2.1"}
+        )
+    )
+    fleet.enroll(2, versions={"modem": "2.0"})
+    r_modem = svc.scheduler.create(fleet.ops, name="modem", release_id=modem["bundle_id"])
+    r_app = svc.scheduler.create(fleet.ops, name="app", release_id=app["bundle_id"])
+    svc.scheduler.start(fleet.ops, r_app["id"])
+    svc.scheduler.abort(fleet.ops, r_modem["id"])
+    svc.tick()
+    st = svc.scheduler.status(r_app["id"])
+    assert st["state"] == "paused"
+    assert f"rollout {r_modem['id']} it waits for was stopped" in st["reason"]
+    assert _commands(svc) == []
+
+
 def test_maintenance_window_closed_commands_nobody_at_that_site(svc, fleet, release, clock):
     fleet.enroll(2, digest=release["v1"], site="berlin", prefix="b")
     fleet.enroll(2, digest=release["v1"], site="tokyo", prefix="t")
