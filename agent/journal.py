@@ -20,6 +20,7 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from agent.core.states import (
+    MAX_ATTEMPTS,
     AgentState,
     BootSlot,
     BootState,
@@ -137,14 +138,16 @@ def decode(data: bytes) -> AgentState:
     try:
         doc = json.loads(data)
         schema = int(doc["schema"])
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
         raise JournalCorrupt(f"journal does not decode: {e}") from e
     if schema > SCHEMA:
         raise JournalSchemaUnsupported(f"journal schema {schema} > {SCHEMA}")
-    while schema < SCHEMA:
-        doc = _UPGRADES[schema](doc)
-        schema = int(doc["schema"])
+    if schema not in _UPGRADES and schema != SCHEMA:
+        raise JournalCorrupt(f"journal schema {schema} never existed")
     try:
+        while schema < SCHEMA:
+            doc = _UPGRADES[schema](doc)
+            schema = int(doc["schema"])
         u = doc["update"]
         update = None
         if u is not None:
@@ -156,7 +159,7 @@ def decode(data: bytes) -> AgentState:
                 migrated=bool(u["migrated"]),
                 failure=_result(u["failure"]),
             )
-        return AgentState(
+        state = AgentState(
             phase=Phase(doc["phase"]),
             primary=BootSlot(doc["primary"]),
             slot_a=_slot(doc["slot_a"]),
@@ -166,8 +169,35 @@ def decode(data: bytes) -> AgentState:
             update=update,
             last_result=_result(doc["last_result"]),
         )
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
         raise JournalCorrupt(f"journal does not decode: {e}") from e
+    _check_consistent(state)
+    return state
+
+
+def _check_consistent(s: AgentState) -> None:
+    """Refuse a document the core could not act on (the runtime then starts from the env)."""
+    problems = []
+    if s.phase.busy != (s.update is not None):
+        problems.append(f"phase {s.phase.value} with{'out' if s.update is None else ''} an update")
+    if s.slot(s.primary).state is not BootState.GOOD:
+        problems.append("primary slot is not GOOD")
+    if s.security_version < 0 or s.last_counter < 0:
+        problems.append("negative counters")
+    u = s.update
+    if u is not None:
+        if u.plan.target_slot is s.primary:
+            problems.append("update targets the primary slot")
+        if not 0 <= u.written <= len(u.plan.chunks) or not 0 <= u.attempts <= MAX_ATTEMPTS:
+            problems.append("progress out of range")
+        if u.fetch_failures < 0 or [c.index for c in u.plan.chunks] != list(
+            range(len(u.plan.chunks))
+        ):
+            problems.append("chunk table out of order")
+        if u.plan.kind is PayloadKind.DELTA and u.plan.base_slot is not s.primary:
+            problems.append("delta base is not the primary slot")
+    if problems:
+        raise JournalCorrupt("inconsistent journal: " + "; ".join(problems))
 
 
 def persisted(state: AgentState) -> AgentState:

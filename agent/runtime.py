@@ -320,22 +320,22 @@ class Agent:
 
     async def start(self) -> None:
         """Load the journal, reconcile it with the boot env, carry on (resume/trial/revert)."""
-        raw = self.journal.load()
-        if raw is None:
-            self.state = await self._io(self._factory_state)
-        else:
-            try:
-                self.state = dataclasses.replace(decode(raw), booted=self.booted)
-            except JournalError as e:
-                # A journal we cannot read: start over from what the bootloader says, report.
-                log.warning("journal unreadable (%s): starting from the boot env", e.code)
-                self.state = await self._io(self._factory_state)
-                self.state = dataclasses.replace(
-                    self.state, last_result=Result("failed", e.code, str(e))
-                )
-        self._persisted = self.state
+        env = self._env_view()
+        try:
+            raw = self.journal.load()
+            loaded = None if raw is None else dataclasses.replace(decode(raw), booted=self.booted)
+            failure = None
+        except JournalError as e:
+            # A journal we cannot read: start over from what the bootloader says, report.
+            log.warning("journal unreadable (%s): starting from the boot env", e.code)
+            loaded, failure = None, Result("failed", e.code, str(e))
+        if loaded is None:
+            loaded = await self._io(self._fresh_state, env)
+            if failure is not None:
+                loaded = dataclasses.replace(loaded, last_result=failure)
+        self.state = self._persisted = loaded
         self.started = True
-        await self._feed(Booted(self.booted, self._env_view()))
+        await self._feed(Booted(self.booted, env))
         self._maybe_download()
 
     async def run(self) -> str:
@@ -452,7 +452,14 @@ class Agent:
             self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slotline-disk")
         return await asyncio.get_running_loop().run_in_executor(self._disk, fn, *args)
 
-    def _factory_state(self) -> AgentState:
+    def _fresh_state(self, env: EnvView) -> AgentState:
+        """No usable journal: the booted slot holds the factory image, unless it is on trial.
+
+        A pending trial of the booted slot that no journal accounts for is never adopted: the
+        slot the trial was started from becomes primary, and reconciliation goes back to it.
+        """
+        if env.upgrade_available and env.boot_part is self.booted:
+            return AgentState.initial(self.booted.other, SlotInfo(BootState.GOOD))
         size = self.config.factory_size
         sha = self.slots.digest(self.booted, size) if size else None
         info = SlotInfo(BootState.GOOD, self.config.factory_version, sha, size)

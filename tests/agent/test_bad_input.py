@@ -412,3 +412,28 @@ def test_fleet_rollback_returns_to_the_good_old_slot() -> None:
     assert dev.boots[-1] is BootSlot.A
     assert dev.last_agent.state.version == "1.0"
     assert dev.last_agent.state.last_result.outcome == "rolled_back"
+
+
+@pytest.mark.parametrize("damage", ["garbage", "wiped", "inconsistent"])
+def test_lost_journal_during_a_trial_goes_back_to_the_old_slot(damage) -> None:
+    dev = device()
+    b = make_bundle(NEW, version="2.0")
+
+    async def stage():
+        await dev.boot({}, None)
+        await dev.last_agent.install(b.release, MemorySource(b.chunks))
+
+    asyncio.run(stage())
+    assert dev.last_agent.rebooting  # staged: the next boot is the trial of slot B
+    journal = "/data/agent/journal.json"
+    if damage == "garbage":
+        dev.fs.put(journal, b"\x00garbage")
+    elif damage == "wiped":
+        dev.fs.unlink(journal)
+    else:
+        doc = json.loads(dev.fs.content(journal))
+        doc["update"] = None  # staged without an update
+        dev.fs.put(journal, json.dumps(doc).encode())
+    assert dev.run(None) == "settled"
+    assert dev.boots[-2] is BootSlot.B  # the trial boot happened...
+    assert_safe(dev, None)  # ...and the device went back to A, untouched, and updates again

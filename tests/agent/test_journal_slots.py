@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -10,12 +11,22 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.adapters.faultfs import FaultFS, PowerCut
 from agent.adapters.slots import BlockSlots, FileSlots
 from agent.adapters.state_file import FileJournal
+from agent.core.events import Booted, EnvView
+from agent.core.machine import step
 from agent.core.states import AgentState, BootSlot, BootState, Phase, Result, SlotInfo
-from agent.errors import ActiveSlotWrite, JournalCorrupt, JournalSchemaUnsupported, SlotError
+from agent.errors import (
+    ActiveSlotWrite,
+    JournalCorrupt,
+    JournalError,
+    JournalSchemaUnsupported,
+    SlotError,
+)
 from agent.journal import SCHEMA, decode, encode, persisted
 
 DATA = Path(__file__).parent / "data"
@@ -141,3 +152,52 @@ def test_block_slots_missing_device_is_a_stable_error(tmp_path) -> None:
     with pytest.raises(SlotError) as e:
         slots.write(BootSlot.B, 0, b"x")
     assert e.value.code == "slot.io_error"
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_hostile_journal_documents_never_crash_the_loader(data) -> None:
+    """Any mutation of a valid journal either loads or raises a JournalError (with its code)."""
+    doc = json.loads(encode(_state()))
+    doc["update"] = json.loads((DATA / "journal_v1.json").read_text())["update"]
+    doc["update"].update(fetch_failures=0, migrated=False, failure=None)
+    doc["phase"] = data.draw(st.sampled_from(["downloading", "staged", "self_test", "reverting"]))
+    decode(json.dumps(doc).encode())  # the unmutated base is a valid journal
+    path = data.draw(st.lists(st.sampled_from(sorted(_paths(doc))), min_size=1, max_size=1))[0]
+    value = data.draw(
+        st.one_of(
+            st.none(),
+            st.integers(),
+            st.text(max_size=5),
+            st.lists(st.integers(), max_size=3),
+            st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+        )
+    )
+    _set(doc, path, value)
+    try:
+        state = decode(json.dumps(doc).encode())
+    except JournalError as e:
+        code = e.code
+        assert code.startswith("journal.")
+        return
+    # whatever loads, the core can reconcile it with any boot, without raising
+    for slot in BootSlot:
+        for env in (EnvView(slot, False, 0), EnvView(slot, True, 2), EnvView(None, False, 0)):
+            step(state, Booted(slot, env))
+
+
+def _paths(doc, prefix=()):
+    out = {prefix} if prefix else set()
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            out |= _paths(v, (*prefix, k))
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc[:2]):
+            out |= _paths(v, (*prefix, i))
+    return out
+
+
+def _set(doc, path, value):
+    for p in path[:-1]:
+        doc = doc[p]
+    doc[path[-1]] = value
