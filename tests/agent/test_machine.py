@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -270,3 +272,21 @@ def test_table_lines_are_all_reachable_names() -> None:
     rows = edges_as_rows()
     assert len(rows) == len(EDGES) > 30
     assert all(r["event"] and r["action"] for r in rows)
+
+
+def test_core_is_pure() -> None:
+    """agent/core imports no I/O: no asyncio, os, socket, subprocess, threading, open()."""
+    banned = {"asyncio", "os", "socket", "subprocess", "threading", "pathlib", "shutil", "io"}
+    core = Path(__file__).parents[2] / "agent" / "core"
+    for path in core.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                names = {(node.module or "").split(".")[0]}
+            elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "open":
+                names = {"open"}
+            else:
+                continue
+            assert not names & (banned | {"open"}), f"{path.name} uses {names & (banned | {'open'})}"
