@@ -14,8 +14,9 @@ Rules:
   allowed), ``Truncated`` (ends early). A wrong base of the right size is caught by the bundle
   layer's base digest check before apply, and by the chunk/image digests after.
 - Encoding holds both images in memory (build or controller host). Covers come from upstream
-  HDiffPatch (``codec/matcher.py``); each chunk is the smaller of a patch and a plain
-  compressed chunk.
+  HDiffPatch (``codec/matcher.py``); each chunk is the smallest of a patch (covers, byte-wise
+  diff, literals), a zstd coding with a base window as prefix, and a plain compressed chunk.
+  ``docs/delta-codec.md`` has the format and the reasons.
 
 Example:
     for chunk in encode_delta(old_path, new_path):

@@ -125,7 +125,7 @@ class StreamOptions:
     zstd_max_raw: int = 1 << 62  # try zstd only on streams up to this size (encode time)
     lzma_lclppb: tuple[tuple[int, int, int], ...] = ((3, 0, 2),)  # LZMA variants to try
     lzma_x86: bool = False
-    lzma_preset: int = 9 | lzma.PRESET_EXTREME
+    lzma_preset: int = 9  # "extreme" costs ~30 % more time for ~0.03 % smaller output here
     lzma_nice_len: int = 273  # long zero runs in diffs: longest matches pay off
 
 
