@@ -49,3 +49,10 @@ def synthetic_pair(work: Path, size: int, seed: int = 7) -> tuple[Path, Path]:
                 break
         f.truncate(size)
     return old_path, new_path
+
+
+if __name__ == "__main__":
+    import sys
+
+    old_path, new_path = synthetic_pair(Path(sys.argv[1]), int(sys.argv[2]))
+    print(old_path, new_path)

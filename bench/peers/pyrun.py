@@ -2,7 +2,7 @@
 excluded): ``python -m bench.peers.pyrun {encode|apply} TOOL A B OUT``.
 
 encode: A=old, B=new, OUT=patch.  apply: A=old, B=patch, OUT=new.
-Prints one JSON line ``{"seconds": ...}``; peak RSS is read by the parent (wait4).
+Prints one JSON line ``{"seconds": ..., "rss_kib": ...}`` (work time, VmHWM).
 """
 
 # ruff: noqa: PLC0415  (each tool imports only its own library, so one run measures one codec)
@@ -92,7 +92,16 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"unknown tool {tool}")
     t0 = time.perf_counter()
     run()
-    print(json.dumps({"seconds": time.perf_counter() - t0}))
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"seconds": seconds, "rss_kib": _vm_hwm()}))
+
+
+def _vm_hwm() -> int:
+    """Peak RSS of this process (VmHWM: per address space, so exact after exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
 
 
 if __name__ == "__main__":
