@@ -61,7 +61,8 @@ class TokenBucket:
         if self.rate <= 0:
             return 0.0
         self._refill(now)
-        self.tokens -= amount
+        # A negative amount refunds an over-estimate, never beyond the burst.
+        self.tokens = min(self.burst, self.tokens - amount)
         return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
 
     def set_rate(self, rate: float, now: float) -> None:

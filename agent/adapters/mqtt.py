@@ -116,8 +116,8 @@ class MqttTransport:
         self._pings: dict[str, asyncio.Future[None]] = {}
         self._reconnected = asyncio.Event()
         self._session_lost = False
-        self._rtt = 0.0
-        self._sent_at: dict[int, float] = {}
+        self._size_estimate = 0.0
+        self._charged: dict[tuple[str, int], float] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -328,15 +328,21 @@ class MqttTransport:
                 outstanding[index] = now + self.request_timeout
             for start in range(0, len(expired), wire.MAX_FETCH_INDICES):
                 self._request(bundle_id, expired[start : start + wire.MAX_FETCH_INDICES])
-        # Ask one round trip early: the chunk is charged when it arrives, which is when the
-        # bucket gets out of debt. Without this the link idles one round trip per request.
-        if self._bucket.delay(now, self.clock.now()) > self._rtt:
-            return
+        # Pace requests, not arrivals: each request is charged the expected chunk size when it
+        # leaves (corrected when the chunk arrives), so requests go out evenly at the cap and
+        # the link never idles a round trip waiting for the bucket. ``window`` only bounds
+        # what is in flight.
+        wall = self.clock.now()
         fresh: list[int] = []
         while queue and len(outstanding) < self.window:
+            if self._bucket.delay(now, wall) > 0:
+                break
+            if self._size_estimate == 0 and outstanding:
+                break  # one request until the first chunk tells us what a chunk costs
             index = queue.pop()
             outstanding[index] = now + self.request_timeout
-            self._sent_at[index] = now
+            self._charged[(bundle_id, index)] = self._size_estimate
+            self._bucket.reserve(self._size_estimate, now, wall)
             fresh.append(index)
         if fresh:
             self._request(bundle_id, fresh)
@@ -345,7 +351,7 @@ class MqttTransport:
         if not connected:
             return 0.5
         wake = min((d - now for d in outstanding.values()), default=self.request_timeout)
-        throttle = self._bucket.delay(now, self.clock.now()) - self._rtt
+        throttle = self._bucket.delay(now, self.clock.now())
         if throttle > 0:
             wake = min(wake, throttle) if outstanding else throttle
         return max(0.001, wake)
@@ -370,13 +376,14 @@ class MqttTransport:
             self.stats.drops.drop("transfer.duplicate")
             return None
         wanted.discard(frame.index)
-        sent = self._sent_at.pop(frame.index, None)
-        if sent is not None:
-            # EWMA of request -> arrival time, capped so a stall cannot unthrottle the device.
-            sample = min(self.clock.monotonic() - sent, 2.0)
-            self._rtt = 0.8 * self._rtt + 0.2 * sample
         outstanding.pop(frame.index, None)
         self.stats.chunks += 1
         self.stats.chunk_bytes += len(frame.data)
-        self._bucket.reserve(len(frame.data), self.clock.monotonic(), self.clock.now())
+        # Charge the difference between the real size and what the request was charged.
+        charged = self._charged.pop((frame.bundle_id, frame.index), 0.0)
+        self._bucket.reserve(len(frame.data) - charged, self.clock.monotonic(), self.clock.now())
+        size = float(len(frame.data))
+        self._size_estimate = size if self._size_estimate == 0 else (
+            0.8 * self._size_estimate + 0.2 * size
+        )
         return frame.index, frame.data

@@ -350,6 +350,10 @@ class AsyncMqttClient:
 
     def _sock_open(self, _c: paho.Client, _u: Any, sock: Any) -> None:
         fd = sock.fileno()
+        # paho leaves Nagle on: a small fetch request then waits for the delayed ACK of the
+        # previous one (~40 ms a round trip on loopback). Requests must leave at once.
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
         def register() -> None:
             if self._loop is None or self._stopping:

@@ -74,6 +74,8 @@ class MosquittoConfig:
             "max_inflight_messages 64",
             "max_queued_messages 10000",
             "persistent_client_expiration 14d",
+            # Small control messages (fetch, PUBACK) must not wait for delayed ACKs.
+            "set_tcp_nodelay true",
         ]
         if self.persistence_dir:
             lines += ["persistence true", f"persistence_location {self.persistence_dir}/"]
