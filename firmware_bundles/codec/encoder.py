@@ -1,10 +1,10 @@
-"""Build chunks: covers cut at chunk boundaries, streams coded, the smaller of patch and full.
+"""Build chunks: covers cut at chunk boundaries, streams coded, the smallest chunk kind kept.
 
 Rules:
 - Every chunk is coded on its own (no state crosses a chunk boundary), so a device can start
   or resume at any chunk and decode memory is bounded by the chunk size.
-- A patch chunk that is not smaller than the plain compressed chunk is replaced by the full
-  chunk (deltas can be larger than plain compression, e.g. on rewritten data).
+- A patch chunk is replaced by a prefix or full chunk where that is smaller (deltas can be
+  larger than plain compression, e.g. on rewritten data).
 - The encoder holds both images in memory; it runs on a build or controller host.
 """
 
@@ -102,11 +102,9 @@ def _windows(old_pos: np.ndarray, length: np.ndarray, budget: int) -> tuple[np.n
         merge[by_size[fits]] = True
     merge[0] = False
     new_window = ~merge
-    wid = np.cumsum(new_window) - 1
     wstart = starts[new_window]
+    # The maximum, not the last end: a later-starting range can end earlier.
     wend = np.maximum.reduceat(ends, np.flatnonzero(new_window))
-    # wend: the run maximum matters when a later-starting range ends earlier.
-    del wid
     return wstart, wend - wstart
 
 
