@@ -256,11 +256,12 @@ def _drive(  # noqa: PLR0917 - one call site, the steps of run()
     stop.set()
     raw_rate = options.measure_broker(broker.url) if options.measure_broker else None
     deadline = time.monotonic() + 30
-    while len(live.results) < len(workers) and time.monotonic() < deadline:
+    while len(live.results) < len(workers) and time.monotonic() < deadline and not live.errors:
         _drain(inbox, live, 0.25)
     devices = [r for i in sorted(live.results) for r in live.results[i]]
     if len(live.results) < len(workers):
-        raise SimError("a device worker did not report its devices' outcomes")
+        raise SimError("a device worker did not report its devices' outcomes"
+                       + (f": {live.errors[0]}" if live.errors else ""))
     site_totals = live.site_totals()
     sites = []
     for s in scenario.sites:

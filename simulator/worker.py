@@ -362,6 +362,9 @@ def outcome_of(dev: VirtualDevice) -> DeviceResult:
     from agent.journal import decode  # noqa: PLC0415
 
     fs = dev.fs
+    if fs is not None and fs.dead:
+        # The run ended right after a power cut: judge what the medium kept.
+        fs = dev.fs = fs.crash("drop")
     # Boot a copy of the env: which slot would come up next, and does it hold a good image?
     if fs is not None:
         probe = fs.crash("keep")
@@ -373,27 +376,38 @@ def outcome_of(dev: VirtualDevice) -> DeviceResult:
             if p.exists():
                 probe.put(dev._p(name), p.read_bytes())  # noqa: SLF001
         env_fs = probe
-    slot = SimBootloader(RedundantEnv(dev._p("bootenv"), fs=env_fs)).boot()  # noqa: SLF001
-    path = dev._p(f"slot_{slot.value}")  # noqa: SLF001
-    if fs is not None:
-        data = probe.content(path)[: dev.fw.image_size]
-    else:
-        with open(path, "rb") as fh:  # noqa: PTH123
-            data = fh.read(dev.fw.image_size)
-    digest = hashlib.sha256(data).hexdigest()
-    version = {dev.fw.to_sha256: dev.fw.to_version,
-               dev.fw.from_sha256: dev.fw.from_version}.get(digest)
+    # Power the board on until something boots, as the hardware would: an image that does not
+    # come up costs a boot, and U-Boot's counter falls back after bootlimit. Nothing booting
+    # within a handful of tries is a brick.
+    loader = SimBootloader(RedundantEnv(dev._p("bootenv"), fs=env_fs))  # noqa: SLF001
+    version = None
+    never = False
+    for _ in range(8):
+        slot = loader.boot()
+        path = dev._p(f"slot_{slot.value}")  # noqa: SLF001
+        if fs is not None:
+            data = probe.content(path)[: dev.fw.image_size]
+        else:
+            with open(path, "rb") as fh:  # noqa: PTH123
+                data = fh.read(dev.fw.image_size)
+        digest = hashlib.sha256(data).hexdigest()
+        version = {dev.fw.to_sha256: dev.fw.to_version,
+                   dev.fw.from_sha256: dev.fw.from_version}.get(digest)
+        never = bool(version == dev.fw.to_version
+                     and dev._fault(FaultKind.NEVER_BOOTS, version))  # noqa: SLF001
+        if version is not None and not never:
+            break
     raw = FileJournal(dev._p("journal.json"), fs=fs).load()  # noqa: SLF001
     state = decode(raw) if raw else None
     result = state.last_result if state else None
     phase = state.phase.value if state else "idle"
     error = result.code if result else None
     message = result.message if result else None
-    never = version == dev.fw.to_version and dev._fault(FaultKind.NEVER_BOOTS, version)  # noqa: SLF001
     if version is None or never:
         outcome = Outcome.BRICKED
     elif phase not in ("idle", "committed", "reverted", "failed"):
         outcome = Outcome.PENDING
+        message = f"still in phase {phase} when the run ended"
     elif result is None:
         outcome = Outcome.UNTOUCHED
     elif result.outcome == "committed" and version == dev.fw.to_version:
