@@ -30,6 +30,7 @@ from controller.api.schemas import (
     TokenCreate,
 )
 from controller.auth import Perm, Role
+from controller.dashboard.web import dashboard_app
 from controller.errors import ControllerError, InvalidInput, TooLarge
 from controller.rollout.scheduler import PhaseSpec, gate_from_json
 from controller.service import ControllerService, Principal
@@ -296,6 +297,8 @@ def create_app(service: ControllerService) -> Any:
     for verb in ("start", "pause", "resume", "abort", "rollback"):
         _steer(verb)
 
+    # Read-only HTML pages; their own login (cookie or bearer), not in the OpenAPI document.
+    app.mount("/dashboard", dashboard_app(svc), name="dashboard")
     _document_security(app)
     return Guard(app, svc, svc.config.max_upload_bytes)
 
