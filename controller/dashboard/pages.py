@@ -242,7 +242,7 @@ def login_page(message: str = "", next_path: str = f"{BASE}/") -> Markup:
             "p",
             {"class": "hint"},
             "Make one with ",
-            el("code", {}, "slotline token api --role viewer NAME"),
+            el("code", {}, "slotline token api --name NAME --role viewer"),
             "; the first admin token is in ",
             el("code", {}, "<data-dir>/admin.token"),
             ".",
@@ -368,7 +368,10 @@ def rollouts_page(ctx: Ctx, rows: Sequence[RolloutRow]) -> Markup:
     return layout(ctx, "Rollouts", "rollouts", rollout_table(rows, ctx.now))
 
 
-def _detail_value(v: Any) -> str:
+def _detail_value(v: Any, items: int = 5) -> str:
+    if isinstance(v, list) and len(v) > items:
+        shown = ", ".join(_detail_value(x) for x in v[:items])
+        return f"[{shown}, ... {len(v)} in all]"
     return v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
 
 

@@ -63,7 +63,8 @@ class Image:
     """An active-slot image: its digest and the release(s) that target it."""
 
     digest: str | None
-    releases: tuple[str, ...] = ()  # "component version", sorted
+    releases: tuple[str, ...] = ()  # "component version" of releases targeting it, sorted
+    base_of: tuple[str, ...] = ()  # the same, of releases with a delta from it
 
     @property
     def label(self) -> str:
@@ -72,6 +73,10 @@ class Image:
             return "not reported"
         if self.releases:
             return ", ".join(self.releases)
+        if self.base_of:
+            # An image no uploaded release targets, but a delta starts from: the version
+            # before those releases (e.g. the factory image).
+            return f"{self.digest[:12]} (delta base of {', '.join(self.base_of)})"
         return f"unknown image {self.digest[:12]}"
 
     @property
@@ -282,6 +287,7 @@ def gate_checks(
     acknowledged: int,
     gate_met_at: float | None,
     now: float,
+    started: bool = True,
 ) -> tuple[GateCheck, ...]:
     """The gate's conditions with their current values (mirrors ``planner._gate_holds``).
 
@@ -326,6 +332,9 @@ def gate_checks(
     tol = gate.get("health_tolerance_pct")
     if tol is not None:
         checks.append(GateCheck("health", "compared by the planner", f"<= +{tol}%", None))
+    if not started:
+        # A group not started yet is not failing its gate: every condition is still to come.
+        return tuple(GateCheck(c.name, c.value, c.limit, None) for c in checks)
     return tuple(checks)
 
 
@@ -360,15 +369,25 @@ class DashboardQueries:
     def _images(s: Session, digests: Iterable[str | None]) -> dict[str | None, Image]:
         wanted = sorted({d for d in digests if d})
         names: dict[str, set[str]] = defaultdict(set)
+        bases: dict[str, set[str]] = defaultdict(set)
+        rel = m.Release
         for i in range(0, len(wanted), 500):
-            q = select(m.Release.target_sha256, m.Release.component, m.Release.version).where(
-                m.Release.target_sha256.in_(wanted[i : i + 500])
+            part = wanted[i : i + 500]
+            q = select(rel.target_sha256, rel.component, rel.version).where(
+                rel.target_sha256.in_(part)
             )
             for digest, component, version in s.execute(q).all():
                 names[digest].add(f"{component} {version}")
+            bq = (
+                select(m.Payload.base_sha256, rel.component, rel.version)
+                .join(rel, rel.bundle_id == m.Payload.release_id)
+                .where(m.Payload.base_sha256.in_(part))
+            )
+            for base, component, version in s.execute(bq).all():
+                bases[str(base)].add(f"{component} {version}")
         out: dict[str | None, Image] = {None: Image(None)}
         for d in wanted:
-            out[d] = Image(d, tuple(sorted(names.get(d, ()))))
+            out[d] = Image(d, tuple(sorted(names.get(d, ()))), tuple(sorted(bases.get(d, ()))))
         return out
 
     # ------------------------------------------------------------------ overview
@@ -524,6 +543,7 @@ class DashboardQueries:
                         acknowledged=ack,
                         gate_met_at=g["gate_met_at"],
                         now=now,
+                        started=g["state"] != "scheduled",
                     ),
                     started_at=row.started_at if row else None,
                     finished_at=row.finished_at if row else None,

@@ -27,6 +27,7 @@ from starlette.testclient import TestClient
 from agent.transport.broker import free_port
 from controller.api.app import create_app
 from controller.auth import Role
+from controller.dashboard.queries import gate_checks
 from controller.dashboard.session import SESSION_SECONDS, SessionSigner
 from controller.db import models as m
 from controller.rollout import planner as p
@@ -560,3 +561,35 @@ def test_headless_chromium_logs_in_and_runs_no_device_script(svc, world, viewer,
             cdp.close()
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_an_image_only_a_delta_starts_from_is_named_by_that_delta(svc, fleet, client, viewer):
+    v1 = fleet.image("v1", seed=1)
+    v2 = fleet.mutate(v1, "v2")
+    fleet.upload(fleet.bundle(v2, "2.0", base=v1))  # no release targets v1 itself
+    fleet.enroll(3, digest=hash_file(v1).sha256)
+    fleet.enroll(1, prefix="n")  # reported no digest yet
+    page = client.get("/dashboard/", headers=_bearer(viewer)).text
+    assert f"{hash_file(v1).sha256[:12]} (delta base of rootfs 2.0)</a></td><td>3<" in page
+    assert "not reported</a></td><td>1<" in page
+    listed = client.get("/dashboard/devices?image=none", headers=_bearer(viewer)).text
+    assert "1 devices" in listed
+    assert "n0000" in listed
+
+
+def test_gate_conditions_mirror_the_planner_and_a_waiting_group_fails_none():
+    gate = {"min_successes": 5, "threshold_pct": 90, "max_failure_pct": 10, "soak_seconds": 60}
+    counts = {"succeeded": 8, "failed": 2, "scheduled": 0}
+    checks = {
+        c.name: c
+        for c in gate_checks(gate, counts, total=10, acknowledged=1, gate_met_at=1000.0, now=1030.0)
+    }
+    assert checks["successes"].ok
+    assert checks["done"].ok  # 100 % >= 90 %
+    assert checks["failures"].ok  # 2 failed, 1 acknowledged by a resume: 10 % is allowed
+    assert checks["soak"].ok is False
+    assert checks["soak"].value == "30 s since gate met"
+    waiting = gate_checks(
+        gate, {"scheduled": 10}, total=10, acknowledged=0, gate_met_at=None, now=0.0, started=False
+    )
+    assert {c.ok for c in waiting} == {None}
