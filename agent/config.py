@@ -2,7 +2,8 @@
 
 The commented sample is ``packaging/agent/agent.toml``. Sections: ``[device]``, ``[trust]``,
 ``[slots]``, ``[bootenv]``, ``[journal]``, ``[update]``, ``[selftest]`` (+ ``[[selftest.check]]``),
-``[migrations]``, ``[mqtt]``.
+``[migrations]``, ``[mqtt]``, ``[health]`` (+ ``[[health.metric]]``; no section: no health
+sampling at all).
 
     cfg = load_config(Path("/etc/slotline/agent.toml"))
     agent = build_agent(cfg, transport=None)   # agent/cli.py does this
@@ -20,7 +21,7 @@ from agent.errors import ConfigInvalid
 from agent.selftest import Check
 
 _SECTIONS = {
-    "device": {"id", "hardware", "factory_version", "factory_size"},
+    "device": {"id", "hardware", "factory_version", "factory_size", "component"},
     "trust": {"root"},
     "slots": {"kind", "a", "b", "size", "booted"},
     "bootenv": {"kind", "config", "default_env", "path"},
@@ -29,7 +30,30 @@ _SECTIONS = {
     "selftest": {"deadline", "check"},
     "migrations": {"migrate", "undo", "timeout"},
     "mqtt": {"url", "ca", "cert", "key", "keepalive"},
+    "health": {"interval", "errors", "metric"},
 }
+_METRIC_KEYS = {"name", "kind", "checks", "argv", "timeout"}
+METRIC_KINDS = ("checks", "latency", "command")
+
+
+@dataclass(frozen=True)
+class MetricConfig:
+    """One ``[[health.metric]]``: ``checks`` (failed count), ``latency`` (ms) or ``command``."""
+
+    name: str
+    kind: str
+    checks: tuple[str, ...] = ()  # names (or labels) of [[selftest.check]] entries
+    argv: tuple[str, ...] = ()
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """``[health]``: sampling interval (s; 0 = only at commit), the ``errors`` metric, metrics."""
+
+    interval: float = 60.0
+    errors: bool = True
+    metrics: tuple[MetricConfig, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -61,6 +85,8 @@ class Config:
     migration_timeout: float
     mqtt: Mapping[str, Any] = field(default_factory=dict)
     source: str = ""
+    component: str = "rootfs"
+    health: HealthConfig | None = None
 
 
 def _get(
@@ -88,6 +114,64 @@ def _argv(value: Any, what: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
         raise ConfigInvalid(f"{what} must be a list of strings")
     return tuple(value)
+
+
+def _metric(d: Any, checks: tuple[Check, ...]) -> MetricConfig:
+    from agent.health import check_name  # noqa: PLC0415
+
+    if not isinstance(d, Mapping):
+        raise ConfigInvalid("[[health.metric]] entries must be tables")
+    extra = set(d) - _METRIC_KEYS
+    if extra:
+        raise ConfigInvalid(f"unknown keys in [[health.metric]]: {sorted(extra)}")
+    name = _get(d, "name", str, required=True, where="health.metric")
+    try:
+        check_name(name)
+    except ValueError as e:
+        raise ConfigInvalid(f"[[health.metric]] {e}") from e
+    kind = _get(d, "kind", str, required=True, where="health.metric")
+    if kind not in METRIC_KINDS:
+        raise ConfigInvalid(f"[[health.metric]] {name}: kind is one of {', '.join(METRIC_KINDS)}")
+    timeout = float(_get(d, "timeout", (int, float), 10, where="health.metric"))
+    if timeout <= 0:
+        raise ConfigInvalid(f"[[health.metric]] {name}: timeout must be positive")
+    m = MetricConfig(
+        name=name,
+        kind=kind,
+        checks=_argv(d.get("checks"), f"[[health.metric]] {name}: checks"),
+        argv=_argv(d.get("argv"), f"[[health.metric]] {name}: argv"),
+        timeout=timeout,
+    )
+    if kind == "command" and not m.argv:
+        raise ConfigInvalid(f"[[health.metric]] {name}: a command metric needs argv")
+    if kind in ("checks", "latency"):
+        if not m.checks:
+            raise ConfigInvalid(f"[[health.metric]] {name}: name the self-test checks to re-run")
+        known = {c.name for c in checks} | {c.label for c in checks}
+        unknown = [c for c in m.checks if c not in known]
+        if unknown:
+            raise ConfigInvalid(f"[[health.metric]] {name}: no self-test check named {unknown}")
+    return m
+
+
+def _health(section: Mapping[str, Any] | None, checks: tuple[Check, ...]) -> HealthConfig | None:
+    if section is None:
+        return None
+    interval = float(_get(section, "interval", (int, float), 60, where="health"))
+    if interval != 0 and not 1 <= interval <= 86400:
+        raise ConfigInvalid("[health] interval is 0 (sample only at commit) or 1..86400 s")
+    metrics = section.get("metric", [])
+    if not isinstance(metrics, list):
+        raise ConfigInvalid("[[health.metric]] must be an array of tables")
+    parsed = tuple(_metric(m, checks) for m in metrics)
+    names = [m.name for m in parsed]
+    if len(set(names)) != len(names):
+        raise ConfigInvalid("[[health.metric]] names must be unique")
+    return HealthConfig(
+        interval=interval,
+        errors=_get(section, "errors", bool, default=True, where="health"),
+        metrics=parsed,
+    )
 
 
 def parse_config(doc: Mapping[str, Any], *, source: str = "") -> Config:
@@ -129,6 +213,7 @@ def parse_config(doc: Mapping[str, Any], *, source: str = "") -> Config:
     checks = st.get("check", [])
     if not isinstance(checks, list):
         raise ConfigInvalid("[[selftest.check]] must be an array of tables")
+    parsed_checks = tuple(Check.from_mapping(c) for c in checks)
     return Config(
         device_id=_get(dev, "id", str, required=True, where="device"),
         hardware=_get(dev, "hardware", str, "generic", where="device"),
@@ -151,12 +236,14 @@ def parse_config(doc: Mapping[str, Any], *, source: str = "") -> Config:
         fetch_window=_get(upd, "fetch_window", int, 4, where="update"),
         retry_cap=float(_get(upd, "retry_cap", (int, float), 60, where="update")),
         selftest_deadline=float(_get(st, "deadline", (int, float), 120, where="selftest")),
-        checks=tuple(Check.from_mapping(c) for c in checks),
+        checks=parsed_checks,
         migrate=_argv(mig.get("migrate"), "[migrations] migrate"),
         undo=_argv(mig.get("undo"), "[migrations] undo"),
         migration_timeout=float(_get(mig, "timeout", (int, float), 300, where="migrations")),
         mqtt=dict(doc.get("mqtt", {})),
         source=source,
+        component=_get(dev, "component", str, "rootfs", where="device"),
+        health=_health(doc.get("health"), parsed_checks),
     )
 
 

@@ -11,6 +11,11 @@ Rules:
   before the adapter is reached, whatever adapter the caller passed.
 - Async: idle means awaiting the transport's command iterator (no polling). ``Reboot`` ends
   :meth:`Agent.run` with ``"reboot"``; the caller (systemd, the simulator) does the rest.
+- Health (``agent/health.py``, optional): every published event is shown to the sampler (it
+  counts errors); a committed result is sampled fresh and carries ``health``, so the controller's
+  gate sees the new version's numbers with the result itself; :meth:`Agent.run` samples every
+  ``interval`` seconds (asyncio sleep) and republishes the retained state when the numbers
+  changed. The state document carries the last sample as ``health``.
 
 Building one (the simulator passes its own ports)::
 
@@ -87,6 +92,7 @@ from agent.core.states import (
     SlotInfo,
 )
 from agent.errors import ActiveSlotWrite, AgentError, BootEnvError, JournalError
+from agent.health import HealthSampler
 from agent.journal import decode, encode
 from agent.ports import BootEnv, Clock, SlotStore, StateStore, Transport
 from firmware_bundles.errors import BundleError, TransferError
@@ -173,6 +179,7 @@ class AgentConfig:
     fetch_window: int = 4  # chunks requested at a time from the transport
     retry_base: float = 1.0  # seconds before the first fetch retry (doubles, capped)
     retry_cap: float = 60.0
+    component: str = "rootfs"  # what releases for this device are called (state ``versions``)
 
 
 class MemorySource:
@@ -282,6 +289,7 @@ class Agent:
         decoder: Decoder | None = None,
         sources: Callable[[str], ChunkSource | None] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        health: HealthSampler | None = None,
     ) -> None:
         self.config = config
         self.slots = slots
@@ -298,6 +306,8 @@ class Agent:
         self._decoder = decoder
         self._sources = sources
         self._sleep = sleep
+        self.health = health
+        self._health_published: Mapping[str, Any] | None = None
         self.state = AgentState.initial(booted, SlotInfo())
         self._persisted = self.state
         self._source: ChunkSource | None = None
@@ -356,6 +366,8 @@ class Agent:
             if self.transport is not None:
                 await self._publish_state()
                 tasks.append(asyncio.create_task(self._serve_commands()))
+                if self.health is not None:
+                    tasks.append(asyncio.create_task(self._health_loop()))
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for t in done:
                 if not t.cancelled() and t.exception() is not None:
@@ -442,7 +454,13 @@ class Agent:
 
     def status(self) -> dict[str, Any]:
         """The state document (published retained; printed by ``slotline agent status``)."""
-        return state_document(self.state, self.config.device_id, self.booted)
+        return state_document(
+            self.state,
+            self.config.device_id,
+            self.booted,
+            component=self.config.component,
+            health=None if self.health is None else self.health.last,
+        )
 
     # -- internals ------------------------------------------------------------------------
 
@@ -700,8 +718,33 @@ class Agent:
             return _Failure(EnvWriteFailed(e.code, str(e)))
         return None
 
+    async def _health_loop(self) -> None:
+        """Sample forever; publish the retained state when the numbers changed.
+
+        Ends only when cancelled (an interval of 0 samples once and then waits with the rest).
+        """
+        assert self.health is not None
+
+        async def publish(values: Mapping[str, Any]) -> None:
+            if values != self._health_published:
+                self._health_published = dict(values)
+                await self._publish_state()
+
+        await self.health.run(publish, self._sleep)
+        await self._stop.wait()
+
     async def _publish(self, event: Mapping[str, Any]) -> None:
         doc = {**event, "device": self.config.device_id, "at": int(self.clock.now())}
+        if self.health is not None:
+            self.health.note_event(doc)
+            if doc.get("type") == "result" and doc.get("outcome") == "committed":
+                # design: the gate compares health after the update; sample the new version
+                # now, so the result and its health reach the controller together.
+                try:
+                    doc["health"] = await self.health.sample()
+                except Exception as e:  # health must never break an update
+                    log.warning("health sample failed: %s", e)
+                self._health_published = doc.get("health")
         self.events.append(doc)
         if self.transport is None:
             return
@@ -725,8 +768,21 @@ class _Failure:
     event: Event
 
 
-def state_document(state: AgentState, device_id: str, booted: BootSlot | None) -> dict[str, Any]:
-    """The retained state document / ``status --json`` output."""
+def state_document(
+    state: AgentState,
+    device_id: str,
+    booted: BootSlot | None,
+    *,
+    component: str = "rootfs",
+    health: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The retained state document / ``status --json`` output.
+
+    What the controller reads from it (controller/reports.py): ``slots`` + ``primary`` with a
+    ``sha256`` (the active image), ``versions`` ({component: version of the primary slot}),
+    ``phase``, ``last_result`` (settles a rollout row whose result event was lost) and, with a
+    health sampler, ``health`` ({metric: number}, lower is better).
+    """
 
     def slot(s: BootSlot) -> dict[str, Any]:
         info = state.slot(s)
@@ -741,7 +797,7 @@ def state_document(state: AgentState, device_id: str, booted: BootSlot | None) -
 
     u = state.update
     r = state.last_result
-    return {
+    doc: dict[str, Any] = {
         "device": device_id,
         "phase": state.phase.value,
         "version": state.version,
@@ -761,4 +817,8 @@ def state_document(state: AgentState, device_id: str, booted: BootSlot | None) -
             "rollout": u.plan.rollout,
         },
         "last_result": None if r is None else dataclasses.asdict(r),
+        "versions": {} if state.version is None else {component: state.version},
     }
+    if health is not None:
+        doc["health"] = dict(health)
+    return doc

@@ -140,6 +140,54 @@ async def _run_argv(
                 await asyncio.shield(proc.wait())
 
 
+async def capture(argv: Sequence[str], timeout: float, limit: int = 4096) -> tuple[int, bytes]:
+    """Run ``argv`` (no shell) and return ``(exit code, first `limit` bytes of stdout)``.
+
+    Used by health metrics (``agent/health.py``). Killed with its process group at ``timeout``.
+
+    Raises:
+        RuntimeError: it could not start, or did not finish within ``timeout``.
+    """
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    except OSError as e:
+        raise RuntimeError(f"{argv[0]}: {e.strerror or e}") from e
+    stdout = proc.stdout
+    assert stdout is not None
+
+    async def collect() -> tuple[int, bytes]:
+        out = await stdout.read(limit)
+        while await stdout.read(65536):  # drain the rest, so a chatty probe never blocks
+            pass
+        return await proc.wait(), out
+
+    try:
+        rc, out = await asyncio.wait_for(collect(), timeout)
+    except TimeoutError:
+        raise RuntimeError(f"{argv[0]} did not finish within {timeout:g} s") from None
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(proc.wait())
+    return rc, out
+
+
+async def probe(check: Check, transport: Transport | None = None) -> str | None:
+    """Run one check now (health metrics re-run selected checks): its failure code, or None."""
+    passed, code, _ = await SelfTestRunner(
+        [check], deadline=check.timeout + 1, transport=transport
+    ).run()
+    return None if passed else code or "selftest.failed"
+
+
 async def _http_status(url: str, timeout: float) -> int:
     import httpx  # noqa: PLC0415 - only devices with HTTP checks pay for it
 
