@@ -28,7 +28,7 @@ from agent.transport.broker import free_port
 from controller.api.app import create_app
 from controller.auth import Role
 from controller.dashboard.queries import gate_checks
-from controller.dashboard.session import SESSION_SECONDS, SessionSigner
+from controller.dashboard.session import SESSION_SECONDS, SessionSigner, load_key
 from controller.db import models as m
 from controller.rollout import planner as p
 from controller.rollout.scheduler import PhaseSpec
@@ -303,6 +303,14 @@ def test_login_never_redirects_off_the_dashboard_nor_accepts_a_cross_site_post(s
     )
     assert r.status_code == 403
     assert "set-cookie" not in r.headers
+
+
+def test_the_session_key_is_made_once_private_and_kept(tmp_path):
+    key = load_key(tmp_path)
+    assert len(key) == 32
+    assert (tmp_path / "dashboard.key").stat().st_mode & 0o777 == 0o600
+    assert load_key(tmp_path) == key  # a restart keeps the sessions
+    assert not [p for p in tmp_path.iterdir() if p.name != "dashboard.key"]  # no temp left
 
 
 def test_session_values_cannot_be_forged_or_extended():
