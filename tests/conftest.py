@@ -12,6 +12,10 @@ import socket
 
 import pytest
 
+from agent.transport.broker import free_port
+
+__all__ = ["free_port"]
+
 REQUIRE_SERVICES = os.environ.get("SLOTLINE_REQUIRE_SERVICES") == "1"
 PG_URL = os.environ.get("SLOTLINE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MQTT_HOST, MQTT_PORT = "127.0.0.1", int(os.environ.get("SLOTLINE_TEST_MQTT_PORT", "1883"))
@@ -47,10 +51,3 @@ def pg_url() -> str:
     _need("PostgreSQL", "127.0.0.1", 5432)
     return PG_URL
 
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (for brokers the tests start)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port

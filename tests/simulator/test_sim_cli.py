@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import free_port
+from agent.transport.broker import free_port
 
 SLOTLINE = [sys.executable, "-c", "import slotline_cli; slotline_cli.main()"]
 
