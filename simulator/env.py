@@ -188,14 +188,14 @@ class Controller:
             started.set()
             if not ready["ok"]:
                 return
-            await asyncio.to_thread(service.publish_pending)
-            while not self._stop.is_set():
-                try:
-                    service.tick()
-                except Exception:
-                    self.tick_errors += 1
-                    log.exception("controller tick failed")
-                await asyncio.sleep(self.tick_interval)
+            # The scheduler runs on its own thread, as in ``controller.runner``: its database work
+            # must never stall the gateway's loop (PUBACKs, chunk serving).
+            ticker = threading.Thread(target=self._scheduler, args=(service,),
+                                      name="sim-scheduler", daemon=True)
+            ticker.start()
+            # The stop flag is a threading.Event (set from the driver thread): wait for it off-loop.
+            await asyncio.to_thread(self._stop.wait)
+            await asyncio.to_thread(ticker.join, 10)
             await gateway.stop()
 
         def run() -> None:
@@ -219,6 +219,15 @@ class Controller:
             raise Unreachable(f"the controller's gateway could not connect to {self.broker_url} "
                               f"within {self.connect_timeout:g} s ({why})")
         self._handle = ControllerHandle(service, gateway, loop, thread)
+
+    def _scheduler(self, service: Any) -> None:
+        service.publish_pending()  # decided before a restart, not yet handed over
+        while not self._stop.wait(self.tick_interval):
+            try:
+                service.tick()
+            except Exception:
+                self.tick_errors += 1
+                log.exception("controller tick failed")
 
     def serve_api(self, port: int, host: str = "127.0.0.1") -> str:
         """Serve the controller's HTTP API (OpenAPI at /docs) on a thread; returns its URL."""

@@ -481,13 +481,16 @@ async def _main(cfg: WorkerConfig, outbox: Any, stop: Any, t0: Any) -> None:
         if i % 200 == 199:
             await asyncio.sleep(0.05)
     # Ready once every device's agent runs and its transport is connected.
-    deadline = time.monotonic() + 60 + len(devices) * 0.01
+    deadline = time.monotonic() + 60 + len(devices) * 0.05
     while time.monotonic() < deadline:
         up = sum(1 for d in devices if d.transport is not None
                  and getattr(d.transport.inner.client, "connected", False))
         if up >= len(devices):
             break
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
+        phases = Counter(d.current_phase() if d.transport is not None else "booting"
+                         for d in devices)
+        outbox.put(("progress", cfg.index, dict(phases), 0, _site_stats(links), 0, _rss()))
     outbox.put(("ready", cfg.index))
     while not stop.is_set():
         await asyncio.sleep(PROGRESS_EVERY)
