@@ -394,7 +394,7 @@ def status(config: str, as_json: bool) -> None:
         doc: dict[str, Any] = {"device": cfg.device_id, "phase": "never_started"}
     else:
         try:
-            doc = state_document(decode(raw), cfg.device_id, booted)
+            doc = state_document(decode(raw), cfg.device_id, booted, component=cfg.component)
         except AgentError as e:
             doc = {"device": cfg.device_id, "phase": "unknown", "error": e.code}
     doc["bootenv"] = {

@@ -319,8 +319,17 @@ class HealthSampler:
         self,
         on_sample: Callable[[dict[str, Number]], Awaitable[None]],
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        *,
+        sample_first: bool = True,
     ) -> None:
-        """Sample now, then every ``interval`` seconds, until cancelled; ``0`` samples once."""
+        """Sample every ``interval`` seconds until cancelled (the first one now, by default).
+
+        An interval of ``0`` samples at most once and returns.
+        """
+        if not sample_first:
+            if self.interval <= 0:
+                return
+            await sleep(self.interval)
         while True:
             values = await self.sample()
             with contextlib.suppress(Exception):  # publishing must never end the loop

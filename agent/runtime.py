@@ -364,6 +364,8 @@ class Agent:
                 return "reboot"
             tasks.append(asyncio.create_task(self._stop.wait()))
             if self.transport is not None:
+                if self.health is not None and self.health.last is None:
+                    await self._sample_health()  # the first state already carries health
                 await self._publish_state()
                 tasks.append(asyncio.create_task(self._serve_commands()))
                 if self.health is not None:
@@ -718,10 +720,22 @@ class Agent:
             return _Failure(EnvWriteFailed(e.code, str(e)))
         return None
 
-    async def _health_loop(self) -> None:
-        """Sample forever; publish the retained state when the numbers changed.
+    async def _sample_health(self) -> Mapping[str, Any] | None:
+        """One sample (never raises: health must never break an update or the agent)."""
+        assert self.health is not None
+        try:
+            values = await self.health.sample()
+        except Exception as e:
+            log.warning("health sample failed: %s", e)
+            return None
+        self._health_published = values
+        return values
 
-        Ends only when cancelled (an interval of 0 samples once and then waits with the rest).
+    async def _health_loop(self) -> None:
+        """Every ``interval`` s: sample, republish the retained state if the numbers changed.
+
+        The first sample was taken before the first state publish (or at commit). Ends only
+        when cancelled (an interval of 0 returns at once and then waits with the rest).
         """
         assert self.health is not None
 
@@ -730,7 +744,8 @@ class Agent:
                 self._health_published = dict(values)
                 await self._publish_state()
 
-        await self.health.run(publish, self._sleep)
+        # asyncio.sleep, not the injected retry sleep: a test's instant sleep would spin here
+        await self.health.run(publish, sample_first=False)
         await self._stop.wait()
 
     async def _publish(self, event: Mapping[str, Any]) -> None:
@@ -740,11 +755,9 @@ class Agent:
             if doc.get("type") == "result" and doc.get("outcome") == "committed":
                 # design: the gate compares health after the update; sample the new version
                 # now, so the result and its health reach the controller together.
-                try:
-                    doc["health"] = await self.health.sample()
-                except Exception as e:  # health must never break an update
-                    log.warning("health sample failed: %s", e)
-                self._health_published = doc.get("health")
+                values = await self._sample_health()
+                if values is not None:
+                    doc["health"] = dict(values)
         self.events.append(doc)
         if self.transport is None:
             return

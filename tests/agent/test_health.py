@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from agent_device import Device, derived, image, make_bundle
+from test_runtime_transport import OLD, LinkTransport, _agent
 
 from agent.config import load_config, parse_config
 from agent.core.states import BootSlot
@@ -335,3 +336,47 @@ def test_state_document_without_a_sampler_has_no_health() -> None:
     doc = state_document(agent.state, "dev-1", BootSlot.A)
     assert "health" not in doc
     assert doc["versions"] == {"rootfs": "1.0"}
+
+
+def test_run_publishes_health_first_then_only_when_it_changes() -> None:
+    values = iter([1, 1, 2, 2, 2, 2])
+    taken: list[int] = []
+
+    def source() -> dict[str, int]:
+        taken.append(next(values))
+        return {"app_restarts": taken[-1]}
+
+    async def main() -> LinkTransport:
+        dev = Device(OLD)
+        link = LinkTransport({})
+        agent = _agent(dev, BootSlot.A, link)
+        agent.health = HealthSampler([FunctionSource(source)], interval=1)
+        task = asyncio.create_task(agent.run())
+        await asyncio.sleep(2.5)
+        agent.stop()
+        assert await task == "stopped"
+        return link
+
+    link = run(main())
+    assert len(taken) == 3  # at start, after 1 s, after 2 s: the loop sleeps in between
+    # reconciling publishes before the first sample (no health: the controller keeps the last
+    # it had); run() samples before its own first publish; then only a change republishes
+    assert "health" not in link.states[0]
+    assert link.states[1]["health"] == {"errors": 0, "app_restarts": 1}
+    assert [s.get("health", {}).get("app_restarts") for s in link.states] == [None, 1, 2]
+
+
+def test_sample_first_false_waits_an_interval() -> None:
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        raise asyncio.CancelledError
+
+    async def publish(values: dict) -> None:
+        raise AssertionError("sampled before the first interval")
+
+    with pytest.raises(asyncio.CancelledError):
+        run(HealthSampler([], interval=5).run(publish, sleep, sample_first=False))
+    assert slept == [5]
+    run(HealthSampler([], interval=0).run(publish, sample_first=False))  # returns at once
