@@ -164,7 +164,6 @@ def _booted(cfg: Any, env: Any) -> Any:
 def _build(cfg: Any, *, transport: Any = None, power: Any = None, sources: Any = None) -> Any:
     from agent.adapters.slots import BlockSlots, FileSlots  # noqa: PLC0415
     from agent.adapters.state_file import FileJournal  # noqa: PLC0415
-    from agent.health import sampler_from_config  # noqa: PLC0415
     from agent.runtime import Agent, AgentConfig  # noqa: PLC0415
     from agent.selftest import CommandMigrations, SelfTestRunner  # noqa: PLC0415
 
@@ -202,10 +201,14 @@ def _build(cfg: Any, *, transport: Any = None, power: Any = None, sources: Any =
         selftest=SelfTestRunner(cfg.checks, deadline=cfg.selftest_deadline, transport=transport),
         migrations=CommandMigrations(cfg.migrate, cfg.undo, cfg.migration_timeout),
         sources=sources,
-        health=None
-        if cfg.health is None
-        else sampler_from_config(cfg.health, cfg.checks, transport),
+        health=None if cfg.health is None else _health(cfg, transport),
     )
+
+
+def _health(cfg: Any, transport: Any) -> Any:
+    from agent.health import sampler_from_config  # noqa: PLC0415 - only with [health]
+
+    return sampler_from_config(cfg.health, cfg.checks, transport)
 
 
 @click.group()

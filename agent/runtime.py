@@ -40,7 +40,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from agent.adapters.bootenv import env_changes, env_view
 from agent.core.commands import (
@@ -92,10 +92,12 @@ from agent.core.states import (
     SlotInfo,
 )
 from agent.errors import ActiveSlotWrite, AgentError, BootEnvError, JournalError
-from agent.health import HealthSampler
 from agent.journal import decode, encode
 from agent.ports import BootEnv, Clock, SlotStore, StateStore, Transport
 from firmware_bundles.errors import BundleError, TransferError
+
+if TYPE_CHECKING:
+    from agent.health import HealthSampler  # only agents with [health] load it
 
 log = logging.getLogger("slotline.agent")
 

@@ -36,6 +36,7 @@ from controller.gateway import MqttGateway
 from controller.rollout import planner as p
 from controller.rollout.scheduler import PhaseSpec
 from controller.service import ControllerConfig, ControllerService
+from firmware_bundles import protocol as wire
 
 pytestmark = [pytest.mark.broker]
 
@@ -236,6 +237,13 @@ async def _scenario(tmp_path: Path, broker: str, fleet_cls, *, degraded: dict[st
             t.cancel()
         stop_ticking.set()
         await ticker
+        # leave no retained messages of this test's devices on the shared broker
+        cleared = [
+            gateway.client.publish(wire.device_topic(d, ch), b"", retain=True)
+            for d in ids
+            for ch in (wire.Channel.STATE, wire.Channel.ONLINE)
+        ]
+        await asyncio.wait_for(asyncio.gather(*cleared, return_exceptions=True), 10)
         await gateway.stop()
         svc.close()
     for t in lives:
