@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import re
 import time
 from pathlib import Path
 
 import pytest
 from agent_device import Device, derived, image, make_bundle
+from click.testing import CliRunner
 from test_runtime_transport import OLD, LinkTransport, _agent
 
+from agent.adapters.bootenv import DEFAULT_ENV, RedundantEnv
+from agent.cli import _build
+from agent.cli import agent as agent_cli
 from agent.config import load_config, parse_config
 from agent.core.states import BootSlot
 from agent.errors import ConfigInvalid
@@ -380,3 +385,67 @@ def test_sample_first_false_waits_an_interval() -> None:
         run(HealthSampler([], interval=5).run(publish, sleep, sample_first=False))
     assert slept == [5]
     run(HealthSampler([], interval=0).run(publish, sample_first=False))  # returns at once
+
+
+def test_agent_built_from_config_samples_its_health_metrics(tmp_path: Path) -> None:
+    size = 64 * 1024
+    (tmp_path / "a.img").write_bytes(image(3, size))
+    (tmp_path / "trust.json").write_text("{}")  # read at start-up, verified on the first command
+    RedundantEnv(str(tmp_path / "env")).write(dict(DEFAULT_ENV))
+    (tmp_path / "ok").write_text("")
+    cfg_path = tmp_path / "agent.toml"
+    cfg_path.write_text(f"""
+[device]
+id = "dev-h"
+factory_version = "1.0"
+factory_size = {size}
+component = "app"
+[trust]
+root = "{tmp_path / "trust.json"}"
+[slots]
+kind = "file"
+a = "{tmp_path / "a.img"}"
+b = "{tmp_path / "b.img"}"
+size = {size}
+booted = "a"
+[bootenv]
+kind = "file"
+path = "{tmp_path / "env"}"
+[journal]
+path = "{tmp_path / "journal.json"}"
+[[selftest.check]]
+kind = "file"
+name = "ok"
+path = "{tmp_path / "ok"}"
+[health]
+interval = 0
+[[health.metric]]
+name = "ok_failures"
+kind = "checks"
+checks = ["ok"]
+[[health.metric]]
+name = "answer"
+kind = "command"
+argv = ["echo", "42"]
+""")
+
+    async def main():
+        a = _build(load_config(cfg_path))
+        await a.start()
+        try:
+            assert a.health is not None
+            first = await a.health.sample()
+            (tmp_path / "ok").unlink()
+            second = await a.health.sample()
+            return a.status(), first, second
+        finally:
+            a.close()
+
+    status, first, second = run(main())
+    assert first == {"answer": 42, "errors": 0, "ok_failures": 0}
+    assert second == {"answer": 42, "errors": 0, "ok_failures": 1}
+    assert status["versions"] == {"app": "1.0"}
+    assert status["health"] == second
+    r = CliRunner().invoke(agent_cli, ["status", "--json", "--config", str(cfg_path)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["versions"] == {"app": "1.0"}
