@@ -47,6 +47,7 @@ Number = int | float
 DEFAULT_INTERVAL = 60.0
 MIN_INTERVAL = 1.0
 MAX_METRICS = 32  # the controller keeps at most 32 metrics per device (controller/reports.py)
+MAX_INT = 2**63  # larger integers are refused: the controller converts values to floats
 SOURCE_TIMEOUT = 30.0  # seconds one source may take before it counts as failed
 NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 ERROR_OUTCOMES = frozenset({"failed", "reverted", "rejected"})
@@ -80,15 +81,18 @@ def normalise(value: Any) -> Number:
 
     Raises:
         TypeError: not a number.
-        ValueError: not finite.
+        ValueError: not finite, or an integer beyond 2**63.
     """
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{value!r} is not a number")
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"{value!r} is not finite")
-        if value.is_integer() and abs(value) < 2**53:
-            return int(value)
+    if isinstance(value, int):
+        if abs(value) > MAX_INT:  # the controller reads numbers as floats
+            raise ValueError("integer out of range")
+        return value
+    if not math.isfinite(value):
+        raise ValueError(f"{value!r} is not finite")
+    if value.is_integer() and abs(value) < 2**53:
+        return int(value)
     return value
 
 
@@ -126,10 +130,10 @@ def merge(samples: Iterable[Mapping[str, Any]], *, limit: int = MAX_METRICS) -> 
         for name, value in sample.items():
             try:
                 check_name(name)
-                v = normalise(value)
-            except (TypeError, ValueError):
-                continue
-            out[name] = normalise(out.get(name, 0) + v)
+                total = normalise(out.get(name, 0) + normalise(value))
+            except (TypeError, ValueError, OverflowError):
+                continue  # including a sum that overflows: the earlier value stands
+            out[name] = total
     return {k: out[k] for k in sorted(out)[:limit]}
 
 

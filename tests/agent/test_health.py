@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import re
 import time
 from pathlib import Path
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 from agent_device import Device, derived, image, make_bundle
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_runtime_transport import OLD, LinkTransport, _agent
 
 from agent.adapters.bootenv import DEFAULT_ENV, RedundantEnv
@@ -80,6 +83,12 @@ def test_merge_adds_same_names_and_drops_garbage() -> None:
     )
     assert got == {"errors": 3, "latency_ms": 12}
     assert isinstance(got["errors"], int)
+
+
+def test_merge_never_overflows_to_infinity() -> None:
+    assert merge([{"x": 1e308}, {"x": 1e308}]) == {"x": 1e308}
+    assert merge([{"x": 10**400}, {"y": 1.0}]) == {"y": 1}
+    assert merge([{"x": 2**63}, {"x": 1}]) == {"x": 2**63}
 
 
 def test_merge_keeps_at_most_limit_names_deterministically() -> None:
@@ -449,3 +458,33 @@ argv = ["echo", "42"]
     r = CliRunner().invoke(agent_cli, ["status", "--json", "--config", str(cfg_path)])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["versions"] == {"app": "1.0"}
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.dictionaries(
+            st.one_of(st.sampled_from(["errors", "lat_ms", "x"]), st.text(max_size=70)),
+            st.one_of(
+                st.integers(-(2**70), 2**70),
+                st.floats(allow_nan=True, allow_infinity=True),
+                st.booleans(),
+                st.text(max_size=3),
+                st.none(),
+            ),
+            max_size=40,
+        ),
+        max_size=4,
+    )
+)
+def test_merge_always_yields_a_document_the_controller_accepts(samples) -> None:
+    got = merge(samples)
+    assert len(got) <= 32
+    assert list(got) == sorted(got)
+    for name, value in got.items():
+        assert re.match(r"^[a-z][a-z0-9_]{0,63}$", name)
+        assert not isinstance(value, bool)
+        assert isinstance(value, int | float)
+        assert math.isfinite(value)
+        assert math.isfinite(float(value))  # what the controller does with it
+    assert json.loads(json.dumps(got, allow_nan=False)) == got
