@@ -794,9 +794,10 @@ def state_document(
     """The retained state document / ``status --json`` output.
 
     What the controller reads from it (controller/reports.py): ``slots`` + ``primary`` with a
-    ``sha256`` (the active image), ``versions`` ({component: version of the primary slot}),
-    ``phase``, ``last_result`` (settles a rollout row whose result event was lost) and, with a
-    health sampler, ``health`` ({metric: number}, lower is better).
+    ``sha256`` (the active image), ``versions`` ({component: version of the primary slot}, left
+    out while that version is unknown), ``phase``, ``last_result`` (settles a rollout row whose
+    result event was lost) and, with a health sampler, ``health`` ({metric: number}, lower is
+    better).
     """
 
     def slot(s: BootSlot) -> dict[str, Any]:
@@ -832,8 +833,9 @@ def state_document(
             "rollout": u.plan.rollout,
         },
         "last_result": None if r is None else dataclasses.asdict(r),
-        "versions": {} if state.version is None else {component: state.version},
     }
+    if state.version is not None:  # unknown (lost journal): say nothing, the controller keeps it
+        doc["versions"] = {component: state.version}
     if health is not None:
         doc["health"] = dict(health)
     return doc

@@ -22,7 +22,7 @@ from agent.adapters.bootenv import DEFAULT_ENV, RedundantEnv
 from agent.cli import _build
 from agent.cli import agent as agent_cli
 from agent.config import load_config, parse_config
-from agent.core.states import BootSlot
+from agent.core.states import AgentState, BootSlot, SlotInfo
 from agent.errors import ConfigInvalid
 from agent.health import (
     FAILURES,
@@ -488,3 +488,9 @@ def test_merge_always_yields_a_document_the_controller_accepts(samples) -> None:
         assert math.isfinite(value)
         assert math.isfinite(float(value))  # what the controller does with it
     assert json.loads(json.dumps(got, allow_nan=False)) == got
+
+
+def test_unknown_version_is_left_out_of_versions() -> None:
+    doc = state_document(AgentState.initial(BootSlot.B, SlotInfo()), "dev-1", BootSlot.A)
+    assert "versions" not in doc
+    assert doc["version"] is None
