@@ -19,8 +19,8 @@ Rules:
   the agent.
 - Sampling never polls: :meth:`HealthSampler.run` sleeps ``interval`` seconds (asyncio) between
   samples. With no ``[health]`` section the agent has no sampler at all (nothing runs, no state
-  field). Values are ints when whole (the state document stays integer-only, like everything
-  else the agent writes).
+  field). Whole values are sent as ints (``3``, not ``3.0``); integers beyond 2**63 and
+  non-finite numbers are refused (the controller reads every value as a float).
 
     sampler = HealthSampler([CheckFailures("app_failures", [Check("file", path="/etc/ok")])],
                             interval=60)
