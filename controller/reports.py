@@ -41,14 +41,23 @@ MAX_QUEUE = 500_000
 _ACTIVE = (DS.COMMANDED.value, DS.CANCEL_SENT.value, DS.ROLLBACK_SENT.value)
 
 
+def _finite(value: Any) -> float | None:
+    # Device reports are hostile input: a bool is not a number, and an int past float range
+    # must be dropped here rather than raise and lose the rest of the batch.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 def _numbers(doc: Any) -> dict[str, float] | None:
     if not isinstance(doc, Mapping) or len(doc) > 32:
         return None
-    return {
-        str(k)[:64]: float(v)
-        for k, v in doc.items()
-        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-    }
+    numbers = {str(k)[:64]: _finite(v) for k, v in doc.items()}
+    return {k: v for k, v in numbers.items() if v is not None}
 
 
 def _active_digest(state: Mapping[str, Any]) -> str | None:

@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 
 from controller.db import models as m
 from controller.errors import Conflict, RequirementsUnmet, RolloutError
+from controller.reports import _numbers
 from controller.rollout import planner as p
 from controller.rollout.scheduler import PhaseSpec
 from controller.service import ControllerConfig, ControllerService
@@ -482,3 +483,8 @@ def test_health_gate_compares_the_metric_the_rollout_names(svc, fleet, release):
     st = svc.scheduler.status(ro["id"])
     assert st["state"] == "paused"
     assert "health of updated devices 3" in st["reason"]
+
+
+def test_hostile_health_numbers_are_dropped_not_raised() -> None:
+    got = _numbers({"errors": 10**400, "ok": 3, "flag": True, "nan": float("nan"), "s": "x"})
+    assert got == {"ok": 3.0}
