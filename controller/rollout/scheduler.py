@@ -723,7 +723,7 @@ class Scheduler:
         unfit: list[dict[str, Any]] = []
         outbox: list[dict[str, Any]] = []
         counters: list[dict[str, Any]] = []
-        for device_id, site, last, digest in s.execute(cq).tuples():
+        for device_id, site, last, digest in s.execute(cq):
             if len(commanded) >= n:
                 break
             if site not in open_sites:
@@ -793,7 +793,7 @@ class Scheduler:
             )
             .limit(ro.max_in_flight)
         )
-        rows = s.execute(q).tuples().all()
+        rows = s.execute(q).all()
         if not rows:
             return
         release = s.get(m.Release, ro.release_id)
