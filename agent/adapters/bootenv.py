@@ -110,8 +110,17 @@ def decode_copy(raw: bytes) -> tuple[int, dict[str, str]] | None:
 
 
 def _newer(f0: int, f1: int) -> int:
-    """Index of the current copy by flags, with wrap-around (255 -> 0)."""
-    return 0 if (f0 - f1) % 256 in range(1, 128) else 1 if f0 != f1 else 0
+    """Index of the current copy by flags, U-Boot's rule (env_import_redund, libubootenv too).
+
+    The higher flags byte wins, except that 0 beats 255 (the counter wrapped); equal: copy 0.
+    Not serial-number arithmetic: for flags 5 and 200 U-Boot takes 200, so must we (checked on
+    a real U-Boot in tests/agent/test_uboot_qemu.py).
+    """
+    if (f0, f1) == (255, 0):
+        return 1
+    if (f0, f1) == (0, 255):
+        return 0
+    return 1 if f1 > f0 else 0
 
 
 class RedundantEnv:
