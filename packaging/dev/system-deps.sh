@@ -11,6 +11,10 @@ command -v mke2fs >/dev/null 2>&1 || [ -x /usr/sbin/mke2fs ] || need="$need e2fs
 command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || need="$need iproute2"
 command -v iptables >/dev/null 2>&1 || [ -x /usr/sbin/iptables ] || need="$need iptables"
 command -v zstd >/dev/null 2>&1 || need="$need zstd"
+# real U-Boot under QEMU for tests/agent/test_uboot_qemu.py (about 90 MB installed without
+# recommends)
+command -v qemu-system-arm >/dev/null 2>&1 || need="$need qemu-system-arm"
+[ -f /usr/lib/u-boot/qemu_arm/u-boot.bin ] || need="$need u-boot-qemu"
 [ -z "$need" ] && exit 0
 echo "installing system packages:$need"
 sudo=""
