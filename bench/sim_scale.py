@@ -87,19 +87,13 @@ def raw_mosquitto_rate(broker_url: str, messages: int = 20000, size: int = 300) 
 def one(n: int, work: Path) -> dict[str, object]:
     processes = max(1, math.ceil(n / 3500))
     s = scenario.parse(SCENARIO.format(n=n, timeout=max(300, n // 10)), f"scale-{n}")
-    raw: dict[str, float] = {}
-
-    def on_ready(controller: object) -> None:
-        del controller
-
     opts = RunOptions(work_dir=work / f"n{n}", report_path=OUT / f"sim_scale_{n}.json",
                       processes=processes, connect_timeout=10, progress=False,
                       narrate=lambda step, detail: print(f"  [{n}] {step}: {detail}", flush=True),
                       measure_broker=raw_mosquitto_rate)
     t = time.monotonic()
-    result, checks, _ = run(s, opts, on_ready=on_ready)
+    result, checks, _ = run(s, opts)
     wall = time.monotonic() - t
-    rollout = next((x for x in result.timeline if x.get("what") == "rollout finished"), None)
     c = counts(result.devices)
     doc = {
         "devices": n,
@@ -116,7 +110,6 @@ def one(n: int, work: Path) -> dict[str, object]:
         "raw_mosquitto_msgs_per_second": round(result.raw_broker_rate or 0),
         "checks_ok": all(x.ok for x in checks),
     }
-    del rollout, raw
     if doc["raw_mosquitto_msgs_per_second"]:
         doc["ratio_to_raw"] = round(doc["messages_per_second"] / doc["raw_mosquitto_msgs_per_second"], 3)
     return doc
