@@ -5,10 +5,8 @@ BIN    := $(VENV)/bin
 
 .PHONY: demo test lint typecheck bench corpus sysdeps clean
 
-$(BIN)/slotline: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+$(BIN)/slotline: pyproject.toml setup.py
+	sh packaging/dev/bootstrap-venv.sh $(PYTHON) $(VENV)
 	@touch $@
 
 sysdeps:
