@@ -125,13 +125,8 @@ class Rig:
             assert {k: self.fw.read().get(k) for k in CONTRACT} == {k: env.get(k) for k in CONTRACT}
         return env
 
-    def boot(self) -> Boot:
-        before = self.disk.read_bytes()
-        sim_disk = self.tmp / "sim.img"
-        sim_disk.write_bytes(before)
-        sim_env = RedundantEnv(str(sim_disk), copy_size=COPY)
-        predicted = SimBootloader(sim_env, default_env=self.default_env).boot()
-
+    def run_qemu(self, timeout: float) -> tuple[str, bool]:
+        """U-Boot's console output, and whether QEMU exited (powered off) within timeout."""
         argv = [
             str(QEMU), "-M", "virt", "-nic", "none", "-display", "none", "-monitor", "none",
             "-serial", "stdio", "-bios", str(UBOOT_BIN),
@@ -139,12 +134,29 @@ class Rig:
             "-drive", f"if=none,id=env,format=raw,file={self.disk}",
             "-device", "virtio-blk-device,drive=env",
         ]  # fmt: skip
-        t0 = time.monotonic()
-        done = subprocess.run(
-            argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=30, check=False
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
+        try:
+            raw, _ = proc.communicate(timeout=timeout)
+            exited = True
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raw, _ = proc.communicate()
+            exited = False
+        return raw.decode(errors="replace").replace("\r", ""), exited
+
+    def boot(self) -> Boot:
+        before = self.disk.read_bytes()
+        sim_disk = self.tmp / "sim.img"
+        sim_disk.write_bytes(before)
+        sim_env = RedundantEnv(str(sim_disk), copy_size=COPY)
+        predicted = SimBootloader(sim_env, default_env=self.default_env).boot()
+
+        t0 = time.monotonic()
+        out, exited = self.run_qemu(30.0)
         seconds = time.monotonic() - t0
-        out = done.stdout.decode(errors="replace").replace("\r", "")
+        assert exited, f"U-Boot did not power off, it said:\n{out[-3000:]}"
         markers = [m for line in out.splitlines() if (m := MARKER.match(line))]
         assert len(markers) == 1, f"expected one boot marker, U-Boot said:\n{out[-3000:]}"
         assert "slotline: env does not fit" not in out
@@ -294,3 +306,28 @@ def test_odd_values_boot_as_the_simulator_says(tmp_path: Path, changes: dict[str
     rig = Rig(tmp_path, "python")
     rig.py.write(changes)
     rig.boot()  # asserts slot, saves and contract variables against SimBootloader
+
+
+@pytest.mark.skipif(shutil.which("fw_setenv") is None, reason="libubootenv-tool missing")
+def test_agent_first_write_on_blank_storage_needs_the_whole_default_env(tmp_path: Path) -> None:
+    # U-Boot replaces its env with a saved copy (the QEMU board imports with -d, like
+    # env_import). On blank storage fw_setenv starts from the agent's default_env file: with
+    # only the contract variables there is no bootcmd afterwards and U-Boot stays at its prompt.
+    rig = Rig(tmp_path, "fw_setenv")
+    assert rig.fw is not None
+    short = tmp_path / "uboot-default.env"
+    short.write_text((UBOOT_DIR.parent / "uboot-default.env").read_text())
+    full = tmp_path / "full-default.env"
+    full.write_text(MKENV.flat(rig.default_env))
+    for default, boots in ((short, False), (full, True)):
+        rig.disk.write_bytes(b"\0" * (2 * COPY))  # never saved: U-Boot uses its default env
+        FwEnv(rig.fw.config, default_env=str(default)).write(env_changes(SetBootOnce(BootSlot.B)))
+        if boots:
+            assert rig.boot().slot is BootSlot.B
+        else:
+            out, exited = rig.run_qemu(3.0)
+            assert not exited
+            assert "SLOTLINE-BOOT" not in out
+            assert out.rstrip().endswith("=>"), out[-2000:]  # the prompt, no autoboot
+            assert rig.read()["boot_part"] == "b"
+            assert "bootcmd" not in rig.read()
