@@ -215,17 +215,16 @@ def summary(result: RunResult, checks: list[Check]) -> list[Any]:
     for hw, row in _by(result.devices, "hardware").items():
         by_hw.add_row(hw, *(str(row.get(o.value, 0)) for o in outcomes), str(sum(row.values())))
 
-    sites = Table(title="Sites", title_justify="left")
-    for col in ("site", "devices", "WAN total", "WAN chunks", "x bundle", "dropped",
-                "relay hits"):
-        sites.add_column(col, justify="left" if col == "site" else "right")
+    sites = Table(title="Sites (bytes over each site's WAN link)", title_justify="left")
+    for col in ("site", "devices", "all traffic", "bundle chunks", "x bundle", "notes"):
+        sites.add_column(col, justify="left" if col in ("site", "notes") else "right")
     for s in result.sites:
         ratio = s.wan_chunk_bytes / result.bundle_bytes if result.bundle_bytes else 0
-        label = s.name + (" (metered" + (", relay)" if s.relay else ")") if s.metered else
-                          " (relay)" if s.relay else "")
-        sites.add_row(label, str(s.devices), format_bytes(s.wan_bytes),
-                      format_bytes(s.wan_chunk_bytes), f"{ratio:.1f}",
-                      str(s.dropped_messages), str(s.relay_hits))
+        notes = ", ".join(x for x in ("metered" if s.metered else "", "relay" if s.relay else "",
+                                      f"{s.dropped_messages} lost" if s.dropped_messages else "")
+                          if x)
+        sites.add_row(s.name, str(s.devices), format_bytes(s.wan_bytes),
+                      format_bytes(s.wan_chunk_bytes), f"{ratio:.1f}", notes)
 
     promises = Table(title="Checks", title_justify="left")
     promises.add_column("")
