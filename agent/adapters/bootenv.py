@@ -14,12 +14,14 @@ Variables (U-Boot names): ``boot_part`` (a|b), ``upgrade_available`` (0|1), ``bo
 - :class:`GrubEnv`: ``grub-editenv`` on a grubenv file. grub-editenv rewrites in place without a
   checksum, so we never run it on the live file: copy, edit the copy, fsync, rename over, fsync
   the directory. GRUB then reads either the old or the new block, never half of one.
-- :class:`SimBootloader`: U-Boot's boot counting, exactly: each boot with
-  ``upgrade_available=1`` stores ``bootcount+1``; with ``upgrade_available=0`` bootcount reads as
-  0 (``bootcount_load``); if ``bootcount > bootlimit`` (and bootlimit != 0) ``altbootcmd`` runs,
-  which switches ``boot_part`` to the other slot and clears ``upgrade_available`` (and keeps
-  bootcount, so the agent sees that a trial happened). A corrupt env (both copies) yields the
-  built-in default env, whose ``boot_part`` is the factory slot.
+- :class:`SimBootloader`: U-Boot's boot counting as packaging/agent/uboot/slotline.env scripts
+  it (checked boot by boot on a real U-Boot: tests/agent/test_uboot_qemu.py): each boot with
+  ``upgrade_available=1`` stores ``bootcount+1`` (at most 99); with ``upgrade_available=0``
+  bootcount reads as 0 (``bootcount_load``); if ``bootcount > bootlimit`` (and bootlimit != 0)
+  ``altbootcmd`` runs, which switches ``boot_part`` to the other slot and clears
+  ``upgrade_available`` (and keeps bootcount, so the agent sees that a trial happened). A
+  corrupt env (both copies) yields the built-in default env, whose ``boot_part`` is the factory
+  slot.
 
 The agent's env writes (all one write each, so each is atomic):
 ``SetBootOnce(s)``: boot_part=s, upgrade_available=1, bootcount=0;
@@ -43,6 +45,8 @@ from agent.core.commands import MarkActive, MarkBad, MarkGood, SetBootOnce
 from agent.core.events import EnvView
 from agent.core.states import BootSlot
 from agent.errors import BootEnvCorrupt, BootEnvError
+
+BOOTCOUNT_MAX = 99  # U-Boot's shell adds only in hex; the script counts 1..99 by lookup
 
 DEFAULT_ENV: Mapping[str, str] = {
     "boot_part": "a",
@@ -307,7 +311,9 @@ class SimBootloader:
         upgrade = _int(env.get("upgrade_available")) != 0
         bootcount = _int(env.get("bootcount")) if upgrade else 0  # bootcount_load
         if upgrade:
-            bootcount += 1  # bootcount_inc -> bootcount_store (saveenv only when upgrading)
+            # bootcount_inc -> bootcount_store (saveenv only when upgrading); our U-Boot script
+            # (packaging/agent/uboot/slotline.env) counts in decimal up to BOOTCOUNT_MAX
+            bootcount = min(bootcount + 1, BOOTCOUNT_MAX)
             env["bootcount"] = str(bootcount)
             self.env.write({"bootcount": str(bootcount)})
         bootlimit = _int(env.get("bootlimit"))

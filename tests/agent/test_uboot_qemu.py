@@ -300,6 +300,8 @@ def test_counts_in_decimal_past_nine(tmp_path: Path) -> None:
         {"boot_part": "b", "upgrade_available": "1", "bootcount": ""},  # counts from 0
         {"boot_part": "b", "upgrade_available": "1", "bootcount": "junk"},
         {"boot_part": "b", "upgrade_available": "1", "bootcount": "5", "bootlimit": "junk"},
+        {"boot_part": "b", "upgrade_available": "1", "bootcount": "98", "bootlimit": "0"},
+        {"boot_part": "b", "upgrade_available": "1", "bootcount": "99", "bootlimit": "0"},  # stays
     ],
 )
 def test_odd_values_boot_as_the_simulator_says(tmp_path: Path, changes: dict[str, str]) -> None:
