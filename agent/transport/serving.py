@@ -162,6 +162,17 @@ class ChunkServer:
         self._wakeup.set()
 
     async def _run(self) -> None:
+        # A bug in the scheduler must not stop serving for good: log, pause, carry on.
+        while True:
+            try:
+                await self._schedule()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("chunk scheduler failed; restarting it")
+                await asyncio.sleep(0.1)
+
+    async def _schedule(self) -> None:
         while True:
             if not self._ready:
                 self._wakeup.clear()
@@ -174,6 +185,8 @@ class ChunkServer:
                 device_id = self._ready.popleft()
                 self._ready_set.discard(device_id)
                 dev = self._devices[device_id]
+                if not dev.pending:
+                    continue
                 if dev.inflight >= self.limits.per_device_inflight:
                     parked.append(device_id)
                     continue
@@ -184,6 +197,12 @@ class ChunkServer:
                     earliest = delay if earliest is None else min(earliest, delay)
                     continue
                 await self._slots.acquire()
+                if not dev.pending or dev.inflight >= self.limits.per_device_inflight:
+                    # Served by another path while we waited for a slot.
+                    self._slots.release()
+                    if dev.pending:
+                        parked.append(device_id)
+                    continue
                 bundle_id, index = dev.pending.popleft()
                 dev.queued.discard((bundle_id, index))
                 dev.inflight += 1
