@@ -3,6 +3,7 @@
 Run as root. Every namespace created here is deleted in ``finally`` (deleting it removes the veth).
 """
 
+# ruff: noqa: PLC0415, ARG002 - children import lazily; callback signatures are fixed
 from __future__ import annotations
 
 import contextlib
@@ -17,8 +18,16 @@ def sh(*args: str, check: bool = True) -> str:
 
 
 @contextlib.contextmanager
-def shaped_netns(name: str, host_ip: str, ns_ip: str, *, rate_kbit: int, loss: float = 0.0,
-                 burst: str = "15k", leaf: tuple[str, ...] = ("pfifo", "limit", "30")) -> Iterator[str]:
+def shaped_netns(
+    name: str,
+    host_ip: str,
+    ns_ip: str,
+    *,
+    rate_kbit: int,
+    loss: float = 0.0,
+    burst: str = "15k",
+    leaf: tuple[str, ...] = ("pfifo", "limit", "30"),
+) -> Iterator[str]:
     """A namespace joined to the root namespace by a veth pair shaped with htb both ways.
 
     Loss is dropped on input in the namespace with iptables statistic (no netem here).
@@ -36,15 +45,60 @@ def shaped_netns(name: str, host_ip: str, ns_ip: str, *, rate_kbit: int, loss: f
         sh("ip", "netns", "exec", name, "ip", "link", "set", ns_if, "up")
         sh("ip", "netns", "exec", name, "ip", "link", "set", "lo", "up")
         for prefix, dev in ((), host_if), (("ip", "netns", "exec", name), ns_if):
-            sh(*prefix, "tc", "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "10")
-            sh(*prefix, "tc", "class", "add", "dev", dev, "parent", "1:", "classid", "1:10", "htb",
-               "rate", f"{rate_kbit}kbit", "ceil", f"{rate_kbit}kbit", "burst", burst)
+            sh(
+                *prefix,
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                dev,
+                "root",
+                "handle",
+                "1:",
+                "htb",
+                "default",
+                "10",
+            )
+            sh(
+                *prefix,
+                "tc",
+                "class",
+                "add",
+                "dev",
+                dev,
+                "parent",
+                "1:",
+                "classid",
+                "1:10",
+                "htb",
+                "rate",
+                f"{rate_kbit}kbit",
+                "ceil",
+                f"{rate_kbit}kbit",
+                "burst",
+                burst,
+            )
             # A short leaf FIFO (this kernel has no fq_codel/sfq): the default 1000-packet one
             # holds 6 s at 2 Mbit/s, a bufferbloat no site router should have.
             sh(*prefix, "tc", "qdisc", "add", "dev", dev, "parent", "1:10", "handle", "10:", *leaf)
         if loss > 0:
-            sh("ip", "netns", "exec", name, "iptables", "-A", "INPUT", "-m", "statistic",
-               "--mode", "random", "--probability", str(loss), "-j", "DROP")
+            sh(
+                "ip",
+                "netns",
+                "exec",
+                name,
+                "iptables",
+                "-A",
+                "INPUT",
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                str(loss),
+                "-j",
+                "DROP",
+            )
         yield name
     finally:
         sh("ip", "netns", "del", name, check=False)

@@ -9,6 +9,7 @@ Devices run in a child process on one asyncio loop (agent/transport/aioclient.py
 side (gateway, or a raw publisher) in this process.
 """
 
+# ruff: noqa: PLC0415, ARG001 - children import lazily; callback signatures are fixed
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,9 @@ from bench.transport_common import MemoryChunks, NullInbox
 def _settings(port: int, cid: str):
     from agent.transport.aioclient import MqttSettings
 
-    return MqttSettings("127.0.0.1", port, cid, backoff_initial=0.1, backoff_max=1.0,
-                        max_inflight=64)
+    return MqttSettings(
+        "127.0.0.1", port, cid, backoff_initial=0.1, backoff_max=1.0, max_inflight=64
+    )
 
 
 def _broker(tmp: Path):
@@ -86,7 +88,7 @@ async def _raw_publisher(port: int, devices: int, chunks: int, size: int) -> Non
     payload = wire.encode_chunk(wire.ChunkFrame("b1", 0, data=bytes(size)))
     sem = asyncio.Semaphore(64)
     pending = []
-    for k in range(chunks):
+    for _k in range(chunks):
         for i in range(devices):
             await sem.acquire()
             fut = pub.publish(wire.device_topic(f"raw-{i}", wire.Channel.CHUNK), payload)
@@ -121,7 +123,11 @@ async def _served_devices(port: int, devices: int, chunks: int) -> dict:
     try:
         await asyncio.wait_for(asyncio.gather(*(fetch(t) for t in ts)), 120)
     except TimeoutError:
-        stuck = [(t.device_id, t.stats.chunks, t.stats.re_requests, t.client.connected) for t in ts if t.stats.chunks < chunks]
+        stuck = [
+            (t.device_id, t.stats.chunks, t.stats.re_requests, t.client.connected)
+            for t in ts
+            if t.stats.chunks < chunks
+        ]
         print(f"served devices got {got['n']}; stuck: {stuck[:10]}", file=sys.stderr, flush=True)
     got["start"] = start
     for t in ts:
@@ -130,8 +136,12 @@ async def _served_devices(port: int, devices: int, chunks: int) -> dict:
 
 
 def _child(role: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "bench.transport_loopback", role, *args],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench.transport_loopback", role, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_ready(proc: subprocess.Popen) -> None:
@@ -141,15 +151,17 @@ def _wait_ready(proc: subprocess.Popen) -> None:
 
 
 def serving(args) -> dict:
-    from controller.gateway import GatewayLimits, MqttGateway
     from agent.transport.serving import ServingLimits
+    from controller.gateway import GatewayLimits, MqttGateway
 
     total = args.devices * args.chunks * args.size
     with tempfile.TemporaryDirectory() as tmp:
         broker = _broker(Path(tmp))
         try:
             # Raw Mosquitto: one publisher, the same frames, QoS1, to the same number of clients.
-            sub = _child("raw-sub", str(broker.port), str(args.devices), str(args.devices * args.chunks))
+            sub = _child(
+                "raw-sub", str(broker.port), str(args.devices), str(args.devices * args.chunks)
+            )
             _wait_ready(sub)
             t0 = time.time()
             asyncio.run(_raw_publisher(broker.port, args.devices, args.chunks, args.size))
@@ -162,8 +174,13 @@ def serving(args) -> dict:
 
             async def gateway() -> dict:
                 limits = GatewayLimits(serving=ServingLimits(max_unacked=64))
-                gw = MqttGateway(_settings(broker.port, "controller"), NullInbox(), chunks,
-                                 limits=limits, read_retained=False)
+                gw = MqttGateway(
+                    _settings(broker.port, "controller"),
+                    NullInbox(),
+                    chunks,
+                    limits=limits,
+                    read_retained=False,
+                )
                 await gw.start()
                 await gw.wait_ready()
                 loop = asyncio.get_running_loop()
@@ -179,10 +196,14 @@ def serving(args) -> dict:
         finally:
             broker.stop()
     return {
-        "devices": args.devices, "chunks_per_device": args.chunks, "chunk_bytes": args.size,
+        "devices": args.devices,
+        "chunks_per_device": args.chunks,
+        "chunk_bytes": args.size,
         "total_bytes": total,
-        "raw_mosquitto_MBps": raw_rate / 1e6, "served_MBps": served_rate / 1e6,
-        "ratio": served_rate / raw_rate, "served_complete": served["bytes"] == total,
+        "raw_mosquitto_MBps": raw_rate / 1e6,
+        "served_MBps": served_rate / 1e6,
+        "ratio": served_rate / raw_rate,
+        "served_complete": served["bytes"] == total,
     }
 
 
@@ -198,7 +219,10 @@ async def _flooder(port: int, seconds: float) -> dict:
     await c.wait_connected(10)
     ev = wire.encode_document(wire.Channel.EVENTS, {"type": "spam", "pad": "x" * 200})
     req = wire.encode_fetch(wire.FetchRequest(wire.FetchOp.CHUNKS, "r", "b1", tuple(range(64))))
-    t_ev, t_fe = wire.device_topic("dev-flood", wire.Channel.EVENTS), wire.device_topic("dev-flood", wire.Channel.FETCH)
+    t_ev, t_fe = (
+        wire.device_topic("dev-flood", wire.Channel.EVENTS),
+        wire.device_topic("dev-flood", wire.Channel.FETCH),
+    )
     print("READY", flush=True)
     n, end = 0, time.monotonic() + seconds
     sem = asyncio.Semaphore(200)
@@ -239,8 +263,13 @@ async def _latency_phase(gw, devices, seconds: float, interval: float) -> list[f
 def _summary(lat: list[float]) -> dict:
     lat = sorted(lat)
     q = statistics.quantiles(lat, n=100)
-    return {"n": len(lat), "p50_ms": q[49] * 1000, "p95_ms": q[94] * 1000, "p99_ms": q[98] * 1000,
-            "max_ms": lat[-1] * 1000}
+    return {
+        "n": len(lat),
+        "p50_ms": q[49] * 1000,
+        "p95_ms": q[94] * 1000,
+        "p99_ms": q[98] * 1000,
+        "max_ms": lat[-1] * 1000,
+    }
 
 
 def flood(args) -> dict:
@@ -250,14 +279,21 @@ def flood(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         broker = _broker(Path(tmp))
         try:
+
             async def run() -> dict:
                 inbox = NullInbox()
-                gw = MqttGateway(_settings(broker.port, "controller"), inbox,
-                                 MemoryChunks("b1", 64, 16 * 1024), read_retained=False)
+                gw = MqttGateway(
+                    _settings(broker.port, "controller"),
+                    inbox,
+                    MemoryChunks("b1", 64, 16 * 1024),
+                    read_retained=False,
+                )
                 await gw.start()
                 await gw.wait_ready()
-                devices = [MqttTransport(f"dev-{i}", _settings(broker.port, f"dev-{i}"))
-                           for i in range(args.healthy)]
+                devices = [
+                    MqttTransport(f"dev-{i}", _settings(broker.port, f"dev-{i}"))
+                    for i in range(args.healthy)
+                ]
                 for d in devices:
                     await d.start()
                 assert all(await asyncio.gather(*(d.reachable(10) for d in devices)))
@@ -273,8 +309,10 @@ def flood(args) -> dict:
                     await d.stop()
                 await gw.stop()
                 return {
-                    "healthy_devices": args.healthy, "seconds_per_phase": args.seconds,
-                    "without_flood": _summary(quiet), "with_flood": _summary(loud),
+                    "healthy_devices": args.healthy,
+                    "seconds_per_phase": args.seconds,
+                    "without_flood": _summary(quiet),
+                    "with_flood": _summary(loud),
                     "flood_messages_sent": flooder["sent"],
                     "gateway_drops": dict(gw.stats.drops.counts),
                     "chunk_server_drops": dict(gw.serving_stats.drops.counts),
@@ -299,14 +337,21 @@ def resume(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         broker = _broker(Path(tmp))
         try:
+
             async def run() -> dict:
                 chunks = MemoryChunks("b1", n, size)
-                gw = MqttGateway(_settings(broker.port, "controller"), NullInbox(), chunks,
-                                 read_retained=False)
+                gw = MqttGateway(
+                    _settings(broker.port, "controller"), NullInbox(), chunks, read_retained=False
+                )
                 await gw.start()
                 await gw.wait_ready()
-                d = MqttTransport("dev-1", _settings(broker.port, "dev-1"), window=8,
-                                  request_timeout=5.0, profile=LinkProfile.flat(4e6, burst=size))
+                d = MqttTransport(
+                    "dev-1",
+                    _settings(broker.port, "dev-1"),
+                    window=8,
+                    request_timeout=5.0,
+                    profile=LinkProfile.flat(4e6, burst=size),
+                )
                 await d.start()
                 assert await d.reachable(10)
                 got: dict[int, bytes] = {}
@@ -322,12 +367,17 @@ def resume(args) -> dict:
                 await gw.stop()
                 resent = gw.serving_stats.served_bytes - n * size
                 return {
-                    "chunks": n, "chunk_bytes": size, "cuts": args.cuts,
-                    "reconnects": d.client.stats.connects - 1, "complete": ok,
+                    "chunks": n,
+                    "chunk_bytes": size,
+                    "cuts": args.cuts,
+                    "reconnects": d.client.stats.connects - 1,
+                    "complete": ok,
                     "server_resent_bytes": resent,
                     "device_duplicate_bytes": d.stats.duplicate_bytes,
                     "re_requests": d.stats.re_requests,
-                    "max_resent_per_cut_in_chunks": max(resent, d.stats.duplicate_bytes) / args.cuts / size,
+                    "max_resent_per_cut_in_chunks": max(resent, d.stats.duplicate_bytes)
+                    / args.cuts
+                    / size,
                     "seconds": elapsed,
                 }
 

@@ -8,6 +8,7 @@ ways: chunk payload the relay fetched, and bytes received on the site's WAN inte
 and MQTT headers, control traffic included). Target: WAN <= 1.05 x bundle size.
 """
 
+# ruff: noqa: PLC0415 - children import lazily; callback signatures are fixed
 from __future__ import annotations
 
 import argparse
@@ -41,12 +42,18 @@ async def _site(port: int, devices: int, chunks: int, tmp: Path) -> dict:
 
     site = EmbeddedBroker.start_mosquitto(MosquittoConfig(port=free_port(), run_as_root=True), tmp)
     try:
-        relay = SiteRelay("s1", local=_settings("127.0.0.1", site.port, "relay-s1"),
-                          upstream=_settings(HOST_IP, port, "relay-s1"), cache_dir=tmp / "cache")
+        relay = SiteRelay(
+            "s1",
+            local=_settings("127.0.0.1", site.port, "relay-s1"),
+            upstream=_settings(HOST_IP, port, "relay-s1"),
+            cache_dir=tmp / "cache",
+        )
         await relay.start()
         assert await relay.upstream.client.wait_connected(20)
-        ds = [MqttTransport(f"dev-{i}", _settings("127.0.0.1", site.port, f"dev-{i}"))
-              for i in range(devices)]
+        ds = [
+            MqttTransport(f"dev-{i}", _settings("127.0.0.1", site.port, f"dev-{i}"))
+            for i in range(devices)
+        ]
         for d in ds:
             await d.start()
         assert all(await asyncio.gather(*(d.reachable(20) for d in ds)))
@@ -64,8 +71,12 @@ async def _site(port: int, devices: int, chunks: int, tmp: Path) -> dict:
         for d in ds:
             await d.stop()
         await relay.stop()
-        return {"per_device_bytes": per_device, "seconds": elapsed, "wan_iface_rx_bytes": rx,
-                "relay": relay.stats.__dict__}
+        return {
+            "per_device_bytes": per_device,
+            "seconds": elapsed,
+            "wan_iface_rx_bytes": rx,
+            "relay": relay.stats.__dict__,
+        }
     finally:
         site.stop()
 
@@ -90,8 +101,12 @@ def main() -> None:
         async def gw() -> None:
             from controller.gateway import MqttGateway
 
-            g = MqttGateway(_settings(HOST_IP, args.port, "controller"), NullInbox(), chunks,
-                            read_retained=False)
+            g = MqttGateway(
+                _settings(HOST_IP, args.port, "controller"),
+                NullInbox(),
+                chunks,
+                read_retained=False,
+            )
             await g.start()
             await asyncio.sleep(args.seconds)
 
@@ -101,28 +116,62 @@ def main() -> None:
     from agent.transport.broker import EmbeddedBroker, MosquittoConfig, free_port
 
     bundle = args.chunks * args.size
-    with shaped_netns(NS, HOST_IP, NS_IP, rate_kbit=args.rate_kbit), \
-            tempfile.TemporaryDirectory() as tmp:
+    with (
+        shaped_netns(NS, HOST_IP, NS_IP, rate_kbit=args.rate_kbit),
+        tempfile.TemporaryDirectory() as tmp,
+    ):
         port = free_port()
         central = EmbeddedBroker.start_mosquitto(
-            MosquittoConfig(port=port, bind=HOST_IP, run_as_root=True), Path(tmp))
-        gw = subprocess.Popen([sys.executable, "-m", "bench.transport_relay", "gateway",
-                               "--port", str(port), "--chunks", str(args.chunks),
-                               "--size", str(args.size)])
+            MosquittoConfig(port=port, bind=HOST_IP, run_as_root=True), Path(tmp)
+        )
+        gw = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bench.transport_relay",
+                "gateway",
+                "--port",
+                str(port),
+                "--chunks",
+                str(args.chunks),
+                "--size",
+                str(args.size),
+            ]
+        )
         try:
             wait_port(HOST_IP, port)
             time.sleep(1.0)
             out = subprocess.run(
-                ["ip", "netns", "exec", NS, sys.executable, "-m", "bench.transport_relay", "site",
-                 "--port", str(port), "--devices", str(args.devices), "--chunks", str(args.chunks)],
-                capture_output=True, text=True, timeout=600, check=True).stdout
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    NS,
+                    sys.executable,
+                    "-m",
+                    "bench.transport_relay",
+                    "site",
+                    "--port",
+                    str(port),
+                    "--devices",
+                    str(args.devices),
+                    "--chunks",
+                    str(args.chunks),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=600,
+                check=True,
+            ).stdout
         finally:
             gw.terminate()
             gw.wait(10)
             central.stop()
     site = json.loads(out.strip().splitlines()[-1])
     result = {
-        "devices": args.devices, "link_kbit": args.rate_kbit, "bundle_bytes": bundle,
+        "devices": args.devices,
+        "link_kbit": args.rate_kbit,
+        "bundle_bytes": bundle,
         "all_devices_complete": all(b == bundle for b in site["per_device_bytes"]),
         "seconds": site["seconds"],
         "wan_chunk_payload_bytes": site["relay"]["wan_bytes"],

@@ -6,6 +6,7 @@ Phases: the competing flow alone (link capacity C), then the agent (capped at 1 
 flow together. Targets: agent average within +-5 % of its cap; the flow keeps >= 90 % of C - cap.
 """
 
+# ruff: noqa: PLC0415 - children import lazily; callback signatures are fixed
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,13 @@ async def _device(host: str, port: int, rate: float, n: int, seconds: float, win
     from agent.adapters.mqtt import MqttTransport
     from firmware_bundles.throttle import LinkProfile
 
-    t = MqttTransport("dev-1", _settings(host, port, "dev-1"), window=window,
-                      profile=LinkProfile.flat(rate, burst=16 * 1024), request_timeout=30)
+    t = MqttTransport(
+        "dev-1",
+        _settings(host, port, "dev-1"),
+        window=window,
+        profile=LinkProfile.flat(rate, burst=16 * 1024),
+        request_timeout=30,
+    )
     await t.start()
     assert await t.reachable(20)
     arrivals: list[tuple[float, int]] = []
@@ -58,8 +64,12 @@ async def _device(host: str, port: int, rate: float, n: int, seconds: float, win
     # Average over the run after the first chunk (the burst) up to the last arrival.
     span = arrivals[-1][0] - arrivals[0][0]
     payload = sum(b for _, b in arrivals[1:])
-    return {"rate": payload / span, "chunks": len(arrivals), "seconds": span,
-            "re_requests": t.stats.re_requests}
+    return {
+        "rate": payload / span,
+        "chunks": len(arrivals),
+        "seconds": span,
+        "re_requests": t.stats.re_requests,
+    }
 
 
 def _receiver(seconds: float) -> None:
@@ -102,8 +112,22 @@ def _sender(stop: threading.Event) -> None:
 
 def _flow(seconds: float) -> float:
     """Run the competing flow for ``seconds``; returns its goodput in bytes/s."""
-    rx = subprocess.Popen(["ip", "netns", "exec", NS, sys.executable, "-m", "bench.transport_throttle",
-                           "receiver", "--seconds", str(seconds)], stdout=subprocess.PIPE, text=True)
+    rx = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            NS,
+            sys.executable,
+            "-m",
+            "bench.transport_throttle",
+            "receiver",
+            "--seconds",
+            str(seconds),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(0.5)
     stop = threading.Event()
     th = threading.Thread(target=_sender, args=(stop,))
@@ -135,42 +159,102 @@ def main() -> None:
         asyncio.run(_gateway(HOST_IP, args.port, n, size, args.seconds))
         return
     if args.role == "device":
-        print(json.dumps(asyncio.run(_device(HOST_IP, args.port, cap, n, args.seconds, args.window))))
+        print(
+            json.dumps(asyncio.run(_device(HOST_IP, args.port, cap, n, args.seconds, args.window)))
+        )
         return
 
     from agent.transport.broker import EmbeddedBroker, MosquittoConfig, free_port
 
-    result: dict = {"link_kbit": args.rate_kbit, "cap_kbit": args.cap_kbit, "loss": args.loss,
-                    "queue_packets": args.queue, "window": args.window}
-    with shaped_netns(NS, HOST_IP, NS_IP, rate_kbit=args.rate_kbit, loss=args.loss,
-                      leaf=("pfifo", "limit", str(args.queue))), \
-            tempfile.TemporaryDirectory() as tmp:
+    result: dict = {
+        "link_kbit": args.rate_kbit,
+        "cap_kbit": args.cap_kbit,
+        "loss": args.loss,
+        "queue_packets": args.queue,
+        "window": args.window,
+    }
+    with (
+        shaped_netns(
+            NS,
+            HOST_IP,
+            NS_IP,
+            rate_kbit=args.rate_kbit,
+            loss=args.loss,
+            leaf=("pfifo", "limit", str(args.queue)),
+        ),
+        tempfile.TemporaryDirectory() as tmp,
+    ):
         port = free_port()
         broker = EmbeddedBroker.start_mosquitto(
-            MosquittoConfig(port=port, bind=HOST_IP, run_as_root=True), Path(tmp))
+            MosquittoConfig(port=port, bind=HOST_IP, run_as_root=True), Path(tmp)
+        )
         procs: list[subprocess.Popen] = []
         try:
             wait_port(HOST_IP, port)
             capacity = _flow(args.seconds / 2)
             result["flow_alone_kbit"] = capacity * 8 / 1000
             total = args.seconds * 3 + 60
-            gw = subprocess.Popen([sys.executable, "-m", "bench.transport_throttle", "gateway",
-                                   "--port", str(port), "--seconds", str(total)])
+            gw = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.transport_throttle",
+                    "gateway",
+                    "--port",
+                    str(port),
+                    "--seconds",
+                    str(total),
+                ]
+            )
             procs.append(gw)
             time.sleep(1.0)
-            dev = subprocess.Popen(["ip", "netns", "exec", NS, sys.executable, "-m",
-                                    "bench.transport_throttle", "device", "--port", str(port),
-                                    "--seconds", str(args.seconds + 4), "--window", str(args.window),
-                                    "--cap-kbit", str(args.cap_kbit)],
-                                   stdout=subprocess.PIPE, text=True)
+            dev = subprocess.Popen(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    NS,
+                    sys.executable,
+                    "-m",
+                    "bench.transport_throttle",
+                    "device",
+                    "--port",
+                    str(port),
+                    "--seconds",
+                    str(args.seconds + 4),
+                    "--window",
+                    str(args.window),
+                    "--cap-kbit",
+                    str(args.cap_kbit),
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             procs.append(dev)
             out, _ = dev.communicate(timeout=args.seconds + 60)
             alone = json.loads(out.strip().splitlines()[-1])
-            dev = subprocess.Popen(["ip", "netns", "exec", NS, sys.executable, "-m",
-                                    "bench.transport_throttle", "device", "--port", str(port),
-                                    "--seconds", str(args.seconds + 4), "--window", str(args.window),
-                                    "--cap-kbit", str(args.cap_kbit)],
-                                   stdout=subprocess.PIPE, text=True)
+            dev = subprocess.Popen(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    NS,
+                    sys.executable,
+                    "-m",
+                    "bench.transport_throttle",
+                    "device",
+                    "--port",
+                    str(port),
+                    "--seconds",
+                    str(args.seconds + 4),
+                    "--window",
+                    str(args.window),
+                    "--cap-kbit",
+                    str(args.cap_kbit),
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             procs.append(dev)
             time.sleep(3.0)  # the device is connected and running at its cap
             flow_rate = _flow(args.seconds)
@@ -183,19 +267,21 @@ def main() -> None:
                     p.wait(10)
             broker.stop()
     remaining = capacity - cap
-    result.update({
-        "agent_alone_kbit": alone["rate"] * 8 / 1000,
-        "agent_alone_vs_cap": alone["rate"] / cap,
-        "agent_kbit": agent["rate"] * 8 / 1000,
-        "agent_vs_cap": agent["rate"] / cap,
-        "agent_chunks": agent["chunks"],
-        "agent_re_requests": agent["re_requests"],
-        "flow_with_agent_kbit": flow_rate * 8 / 1000,
-        "flow_share_of_remaining": flow_rate / remaining,
-        "pass_cap_5pct_alone": abs(alone["rate"] / cap - 1) <= 0.05,
-        "pass_cap_5pct": abs(agent["rate"] / cap - 1) <= 0.05,
-        "pass_flow_90pct": flow_rate / remaining >= 0.9,
-    })
+    result.update(
+        {
+            "agent_alone_kbit": alone["rate"] * 8 / 1000,
+            "agent_alone_vs_cap": alone["rate"] / cap,
+            "agent_kbit": agent["rate"] * 8 / 1000,
+            "agent_vs_cap": agent["rate"] / cap,
+            "agent_chunks": agent["chunks"],
+            "agent_re_requests": agent["re_requests"],
+            "flow_with_agent_kbit": flow_rate * 8 / 1000,
+            "flow_share_of_remaining": flow_rate / remaining,
+            "pass_cap_5pct_alone": abs(alone["rate"] / cap - 1) <= 0.05,
+            "pass_cap_5pct": abs(agent["rate"] / cap - 1) <= 0.05,
+            "pass_flow_90pct": flow_rate / remaining >= 0.9,
+        }
+    )
     print(json.dumps(result, indent=2))
 
 
