@@ -147,7 +147,7 @@ def main() -> None:
     ap.add_argument("--rate-kbit", type=int, default=2000)
     ap.add_argument("--cap-kbit", type=int, default=1000)
     ap.add_argument("--loss", type=float, default=0.01)
-    ap.add_argument("--window", type=int, default=8)
+    ap.add_argument("--window", type=int, default=16)
     ap.add_argument("--queue", type=int, default=30, help="leaf FIFO length in packets")
     args = ap.parse_args()
     n, size = 2000, 16 * 1024
