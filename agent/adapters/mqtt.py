@@ -40,7 +40,7 @@ from typing import Any
 from agent.ports import Clock
 from agent.transport.aioclient import AsyncMqttClient, MqttSettings, Will
 from firmware_bundles import protocol as wire
-from firmware_bundles.errors import BundleError, ProtocolViolation, TransferError
+from firmware_bundles.errors import BundleError, ProtocolViolation, TopicInvalid, TransferError
 from firmware_bundles.throttle import UNLIMITED, LinkProfile, ScheduledBucket
 
 CommandVerifier = Callable[[bytes], Any]
@@ -159,7 +159,7 @@ class MqttTransport:
         try:
             device_id, channel = wire.parse_topic(topic)
             if device_id != self.device_id:
-                raise wire.TopicInvalid(f"message for {device_id} reached {self.device_id}")
+                raise TopicInvalid(f"message for {device_id} reached {self.device_id}")
             if channel is wire.Channel.CMD:
                 self._on_command(payload)
             elif channel is wire.Channel.CHUNK:
@@ -383,7 +383,7 @@ class MqttTransport:
         charged = self._charged.pop((frame.bundle_id, frame.index), 0.0)
         self._bucket.reserve(len(frame.data) - charged, self.clock.monotonic(), self.clock.now())
         size = float(len(frame.data))
-        self._size_estimate = size if self._size_estimate == 0 else (
-            0.8 * self._size_estimate + 0.2 * size
+        self._size_estimate = (
+            size if self._size_estimate == 0 else (0.8 * self._size_estimate + 0.2 * size)
         )
         return frame.index, frame.data

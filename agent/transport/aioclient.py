@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import paho.mqtt.client as paho
+import paho.mqtt.client as mqttc
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -122,7 +122,7 @@ class _Ticker:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.clients: set[paho.Client] = set()
+        self.clients: set[mqttc.Client] = set()
         self.handle: asyncio.TimerHandle | None = None
 
     @classmethod
@@ -133,12 +133,12 @@ class _Ticker:
             cls._by_loop[id(loop)] = ticker
         return ticker
 
-    def add(self, client: paho.Client) -> None:
+    def add(self, client: mqttc.Client) -> None:
         self.clients.add(client)
         if self.handle is None:
             self.handle = self.loop.call_later(1.0, self._tick)
 
-    def discard(self, client: paho.Client) -> None:
+    def discard(self, client: mqttc.Client) -> None:
         self.clients.discard(client)
 
     def _tick(self) -> None:
@@ -197,10 +197,10 @@ class AsyncMqttClient:
 
     # ------------------------------------------------------------------ paho setup
 
-    def _make_client(self) -> paho.Client:
+    def _make_client(self) -> mqttc.Client:
         s = self.settings
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=s.client_id, protocol=paho.MQTTv5
+        client = mqttc.Client(
+            CallbackAPIVersion.VERSION2, client_id=s.client_id, protocol=mqttc.MQTTv5
         )
         client.max_inflight_messages_set(s.max_inflight)
         client.max_queued_messages_set(0)
@@ -232,7 +232,7 @@ class AsyncMqttClient:
         return self._connected.is_set()
 
     @property
-    def paho(self) -> paho.Client:
+    def paho(self) -> mqttc.Client:
         """The underlying paho client (for options this wrapper does not expose)."""
         return self._client
 
@@ -276,7 +276,7 @@ class AsyncMqttClient:
     def drop_link(self) -> None:
         """Close the socket abruptly (tests, benchmarks: a cut link). Reconnection follows."""
         sock = self._client.socket()
-        if sock is not None:
+        if isinstance(sock, socket.socket):
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
 
@@ -321,13 +321,13 @@ class AsyncMqttClient:
 
     def _blocking_connect(self) -> None:
         s = self.settings
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = s.session_expiry
         rc = self._client.connect(
             s.host, s.port, keepalive=s.keepalive, clean_start=s.clean_start, properties=props
         )
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            raise ConnectionError(paho.error_string(rc))
+            raise ConnectionError(mqttc.error_string(rc))
 
     # ------------------------------------------------------------------ socket plumbing
 
@@ -348,7 +348,7 @@ class AsyncMqttClient:
         else:
             self._loop.call_soon_threadsafe(fn)
 
-    def _sock_open(self, _c: paho.Client, _u: Any, sock: Any) -> None:
+    def _sock_open(self, _c: mqttc.Client, _u: Any, sock: Any) -> None:
         fd = sock.fileno()
         # paho leaves Nagle on: a small fetch request then waits for the delayed ACK of the
         # previous one (~40 ms a round trip on loopback). Requests must leave at once.
@@ -363,7 +363,7 @@ class AsyncMqttClient:
 
         self._call(register)
 
-    def _sock_close(self, _c: paho.Client, _u: Any, sock: Any) -> None:
+    def _sock_close(self, _c: mqttc.Client, _u: Any, sock: Any) -> None:
         del sock
         # On the loop thread this runs synchronously, before the fd number can be reused.
         self._call(self._unregister)
@@ -377,7 +377,7 @@ class AsyncMqttClient:
         self._fd = None
         self._writing = False
 
-    def _sock_want_write(self, _c: paho.Client, _u: Any, sock: Any) -> None:
+    def _sock_want_write(self, _c: mqttc.Client, _u: Any, sock: Any) -> None:
         del sock
 
         def register() -> None:
@@ -387,7 +387,7 @@ class AsyncMqttClient:
 
         self._call(register)
 
-    def _sock_done_write(self, _c: paho.Client, _u: Any, sock: Any) -> None:
+    def _sock_done_write(self, _c: mqttc.Client, _u: Any, sock: Any) -> None:
         del sock
 
         def unregister() -> None:
@@ -400,7 +400,7 @@ class AsyncMqttClient:
     def _read(self) -> None:
         rc = self._client.loop_read()
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            self._link_lost(paho.error_string(rc))
+            self._link_lost(mqttc.error_string(rc))
             return
         # TLS may hold decrypted bytes the selector cannot see: read again without waiting.
         sock = self._client.socket()
@@ -411,7 +411,7 @@ class AsyncMqttClient:
     def _write(self) -> None:
         rc = self._client.loop_write()
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            self._link_lost(paho.error_string(rc))
+            self._link_lost(mqttc.error_string(rc))
 
     def _drop_socket(self) -> None:
         self._unregister()
@@ -430,7 +430,7 @@ class AsyncMqttClient:
 
     # ------------------------------------------------------------------ paho callbacks
 
-    def _paho_connect(self, _c: paho.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
+    def _paho_connect(self, _c: mqttc.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
             self.stats.last_error = f"CONNACK {reason}"
             self._defer_lost(str(reason))
@@ -440,7 +440,7 @@ class AsyncMqttClient:
         if self._on_connect is not None:
             self._on_connect(bool(flags.session_present))
 
-    def _paho_disconnect(self, _c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+    def _paho_disconnect(self, _c: mqttc.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self._defer_lost(f"disconnected: {reason}")
 
     def _defer_lost(self, reason: str) -> None:
@@ -449,7 +449,7 @@ class AsyncMqttClient:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._link_lost, reason)
 
-    def _paho_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+    def _paho_message(self, _c: mqttc.Client, _u: Any, msg: mqttc.MQTTMessage) -> None:
         self.stats.received += 1
         sub_ids = getattr(msg.properties, "SubscriptionIdentifier", None) or []
         if _RETAINED_ONLY_ID in sub_ids and not msg.retain:
@@ -461,7 +461,7 @@ class AsyncMqttClient:
                 # A handler bug must not kill the link; handlers count their own drops.
                 log.exception("message handler failed on %s", msg.topic)
 
-    def _paho_publish(self, _c: paho.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
+    def _paho_publish(self, _c: mqttc.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
         code = int(reason.value) if hasattr(reason, "value") else int(reason)
         self.stats.reason_codes[code] = self.stats.reason_codes.get(code, 0) + 1
         if code >= 128:
@@ -470,7 +470,7 @@ class AsyncMqttClient:
         if fut is not None and not fut.done():
             fut.set_result(code)
 
-    def _paho_subscribe(self, _c: paho.Client, _u: Any, mid: int, reasons: Any, _p: Any) -> None:
+    def _paho_subscribe(self, _c: mqttc.Client, _u: Any, mid: int, reasons: Any, _p: Any) -> None:
         fut = self._sub_waiters.pop(mid, None)
         if fut is not None and not fut.done():
             fut.set_result([int(r.value) for r in reasons])
@@ -497,7 +497,7 @@ class AsyncMqttClient:
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         self.stats.published += 1
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-            fut.set_exception(ConnectionError(paho.error_string(info.rc)))
+            fut.set_exception(ConnectionError(mqttc.error_string(info.rc)))
         elif qos == 0:
             fut.set_result(0)
         else:
@@ -520,10 +520,10 @@ class AsyncMqttClient:
         fut: asyncio.Future[list[int]] = self._loop.create_future()
         props = None
         if retained_only:
-            props = Properties(PacketTypes.SUBSCRIBE)
+            props = Properties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]
             props.SubscriptionIdentifier = _RETAINED_ONLY_ID
         rc, mid = self._client.subscribe(filters, properties=props)
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
-            raise ConnectionError(paho.error_string(rc))
+            raise ConnectionError(mqttc.error_string(rc))
         self._sub_waiters[mid] = fut
         return await fut

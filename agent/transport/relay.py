@@ -125,7 +125,7 @@ class SiteRelay:
             self.local, self._resolve, site_of=lambda _d: None, clock=self.clock, limits=limits
         )
         self._inflight: dict[tuple[str, int], asyncio.Future[bytes | None]] = {}
-        self._bg: set[asyncio.Task[None]] = set()
+        self._bg: set[asyncio.Task[list[int]]] = set()
 
     async def start(self) -> None:
         """Connect both sides and start serving."""
