@@ -13,10 +13,13 @@ import subprocess
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from test_transport import Chunks, Inbox
 from transport_pki import ThrowawayPKI
 
+from agent.adapters.mqtt import MqttTransport
 from agent.transport.aioclient import AsyncMqttClient, MqttSettings, TlsFiles
 from agent.transport.broker import EmbeddedBroker, _wait_port
+from controller.gateway import MqttGateway
 from firmware_bundles import protocol as wire
 
 pytestmark = pytest.mark.broker
@@ -202,3 +205,44 @@ def test_client_id_reuse_cannot_kick_another_device(secure_broker) -> None:
     connected, code = asyncio.run(run())
     assert connected == 1
     assert code == NOT_AUTHORIZED
+
+
+def test_the_real_flow_works_under_the_production_acl(secure_broker) -> None:
+    """Gateway (controller identity) and a device over TLS with the ACL: every channel works."""
+
+    async def run() -> tuple[Inbox, list[bytes], list[int]]:
+        inbox = Inbox()
+        gateway = MqttGateway(secure_broker.settings("controller"), inbox, Chunks(n=5))
+        await gateway.start()
+        assert await gateway.wait_ready(5)
+        await asyncio.sleep(0.3)
+        device = MqttTransport("dev-1", secure_broker.settings("dev-1"))
+        await device.start()
+        assert await device.client.wait_connected(5)
+        assert await device.reachable(5)
+        await device.publish_state({"phase": "idle"})
+        await device.publish_event({"type": "hello"})
+        gateway.publish_command("dev-1", b'{"signed":{},"signatures":[]}')
+        cmd = await asyncio.wait_for(anext(device.commands()), 5)
+        got = sorted([i async for i, _ in device.fetch_chunks("b1", [0, 1, 2, 3, 4])])
+        for _ in range(100):
+            if inbox.states and inbox.events:
+                break
+            await asyncio.sleep(0.05)
+        await device.client.stop(disconnect=False)  # power cut: the will must pass the ACL
+        for _ in range(100):
+            if inbox.online and inbox.online[-1] == ("dev-1", False):
+                break
+            await asyncio.sleep(0.05)
+        await gateway.stop()
+        assert device.client.stats.denied == 0
+        assert gateway.client.stats.denied == 0
+        return inbox, [cmd], got
+
+    inbox, cmds, got = asyncio.run(run())
+    assert cmds == [b'{"signed":{},"signatures":[]}']
+    assert got == [0, 1, 2, 3, 4]
+    assert inbox.states == [("dev-1", {"phase": "idle", "v": 1})]
+    assert inbox.events == [("dev-1", {"type": "hello", "v": 1})]
+    assert ("dev-1", True) in inbox.online
+    assert inbox.online[-1] == ("dev-1", False)
