@@ -13,7 +13,7 @@ import subprocess
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
-from test_transport import Chunks, Inbox
+from test_mqtt_transport import Chunks, Inbox
 from transport_pki import ThrowawayPKI
 
 from agent.adapters.mqtt import MqttTransport

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from test_transport import Chunks, _gateway, _settings
+from test_mqtt_transport import Chunks, _gateway, _settings
 
 from agent.adapters.mqtt import MqttTransport
 from agent.transport.broker import BridgeConfig, EmbeddedBroker, MosquittoConfig, free_port
