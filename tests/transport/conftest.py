@@ -75,6 +75,6 @@ def secure_broker(tmp_path: Path) -> Iterator[SecureBroker]:
         controllers=("controller",),
         run_as_root=True,
     )
-    broker = EmbeddedBroker.start_mosquitto(config, tmp_path / "secure")
-    yield SecureBroker(broker, pki)
-    broker.stop()
+    secure = SecureBroker(EmbeddedBroker.start_mosquitto(config, tmp_path / "secure"), pki)
+    yield secure
+    secure.broker.stop()  # a test may have restarted it (new process)
