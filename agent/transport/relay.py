@@ -12,8 +12,8 @@ Rules:
 * Untrusted mirror: the relay never verifies or signs anything; devices check every chunk
   against the release-signed table, so a relay can delay or drop, never alter undetected.
 * Concurrent requests for the same missing chunk wait on one upstream fetch (no double WAN copy).
-* The cache is content-addressed: ``chunks/<sha256>`` plus an index ``(bundle, index) ->
-  sha256``; files are written to a temp name and renamed, so a power cut leaves no torn chunk.
+* The cache is the bundles library's ``ChunkStore`` (content-addressed, re-verified on read)
+  plus an index ``(bundle, index) -> sha256``; a power cut leaves no torn chunk or index.
 * The WAN fetch is paced by the site's link profile (token bucket, time-of-day windows).
 
     relay = SiteRelay("plant-7", local=MqttSettings(...), upstream=MqttSettings(...),
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,49 +34,44 @@ from agent.ports import Clock
 from agent.transport.aioclient import AsyncMqttClient, MqttSettings
 from agent.transport.serving import ChunkServer, ServingLimits
 from firmware_bundles import protocol as wire
+from firmware_bundles.chunkstore import ChunkStore
 from firmware_bundles.errors import BundleError, TransferError
 from firmware_bundles.throttle import UNLIMITED, LinkProfile
 
 
 class ChunkCache:
-    """Content-addressed chunk files with a ``(bundle, index)`` index, crash-safe writes."""
+    """The relay's cache: chunks in the content-addressed ``ChunkStore`` (re-verified on every
+    read, crash-safe writes), plus an index ``(bundle, index) -> sha256`` written atomically.
+    """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        (directory / "chunks").mkdir(parents=True, exist_ok=True)
+        self.store = ChunkStore(directory / "chunks")
         (directory / "index").mkdir(parents=True, exist_ok=True)
 
     def _index_path(self, bundle_id: str, index: int) -> Path:
         return self.directory / "index" / wire.check_bundle_id(bundle_id) / str(index)
 
     def get(self, bundle_id: str, index: int) -> bytes | None:
-        """Cached bytes, or None. A chunk whose file no longer hashes right counts as missing."""
+        """Cached bytes, or None. A chunk that no longer hashes right counts as missing."""
         try:
             digest = self._index_path(bundle_id, index).read_text().strip()
-            data = (self.directory / "chunks" / digest).read_bytes()
-        except (OSError, ValueError):
+            return self.store.get(digest)
+        except (OSError, KeyError, BundleError):
             return None
-        if hashlib.sha256(data).hexdigest() != digest:
-            return None
-        return data
 
     def put(self, bundle_id: str, index: int, data: bytes) -> str:
         """Store a chunk; returns its SHA-256."""
-        digest = hashlib.sha256(data).hexdigest()
-        self._atomic(self.directory / "chunks" / digest, data)
+        digest = self.store.put(data)
         path = self._index_path(bundle_id, index)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._atomic(path, digest.encode())
-        return digest
-
-    @staticmethod
-    def _atomic(path: Path, data: bytes) -> None:
         tmp = path.with_name(f".{path.name}.tmp")
         with tmp.open("wb") as f:
-            f.write(data)
+            f.write(digest.encode())
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(path)
+        return digest
 
 
 @dataclass

@@ -74,7 +74,7 @@ def test_cache_treats_a_corrupted_file_as_missing(tmp_path) -> None:
     cache = ChunkCache(tmp_path)
     digest = cache.put("b1", 0, b"hello")
     assert cache.get("b1", 0) == b"hello"
-    (tmp_path / "chunks" / digest).write_bytes(b"HELLO")
+    cache.store.path(digest).write_bytes(b"HELLO")
     assert cache.get("b1", 0) is None
     assert cache.get("b1", 1) is None
 
