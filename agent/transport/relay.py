@@ -40,8 +40,9 @@ from firmware_bundles.throttle import UNLIMITED, LinkProfile
 
 
 class ChunkCache:
-    """The relay's cache: chunks in the content-addressed ``ChunkStore`` (re-verified on every
-    read, crash-safe writes), plus an index ``(bundle, index) -> sha256`` written atomically.
+    """The relay's cache: the content-addressed ``ChunkStore`` plus a ``(bundle, index)`` index.
+
+    The store re-verifies every read and writes crash-safely; index files are written atomically.
     """
 
     def __init__(self, directory: Path) -> None:
