@@ -260,7 +260,7 @@ class Controller:
         server = uvicorn.Server(config)
         thread = threading.Thread(target=server.run, name="sim-api", daemon=True)
         thread.start()
-        self._api = (server, thread)
+        self._api: tuple[Any, threading.Thread] | None = (server, thread)
         wait_tcp(host, port, self.connect_timeout, "the controller API")
         return f"http://{host}:{port}"
 

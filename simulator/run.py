@@ -108,7 +108,8 @@ def run(scenario: Scenario, options: RunOptions, *, console: Any = None,
         SimError: a worker failed to start its devices.
     """
     own_dir = options.work_dir is None
-    work = Path(tempfile.mkdtemp(prefix="slotline-sim-")) if own_dir else Path(options.work_dir)
+    work = Path(tempfile.mkdtemp(prefix="slotline-sim-")) if options.work_dir is None else Path(
+        options.work_dir)
     work = work.resolve()
     _fresh_work_dir(work)
     report_path = options.report_path or work / "report.json"

@@ -81,9 +81,9 @@ def key_lines(text: str) -> dict[Path, int]:
                     array_index += 1
                     lines[(*array_path, array_index)] = lineno
                 depth += _depth_change(ch)
-            for m in _INLINE_KEY.finditer(stripped):
+            for im in _INLINE_KEY.finditer(stripped):
                 if array_index >= 0:
-                    lines.setdefault((*array_path, array_index, m[1].strip('"')), lineno)
+                    lines.setdefault((*array_path, array_index, im[1].strip('"')), lineno)
             array_depth = depth
             if array_depth <= 0:
                 array_path = None

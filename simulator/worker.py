@@ -464,7 +464,7 @@ async def _main(cfg: WorkerConfig, outbox: Any, stop: Any, t0: Any) -> None:
     links = _links(cfg.scenario, cfg.scenario.meta.seed)
 
     def elapsed() -> float:
-        return time.time() - t0.value
+        return time.time() - float(t0.value)
 
     devices = [
         VirtualDevice(spec=d, faults=cfg.faults.get(d.device_id, []),
