@@ -21,7 +21,7 @@ FLEET = """
 [scenario]
 name = "{name}"
 seed = {seed}
-timeout = "50s"
+timeout = "{timeout}s"
 
 [firmware]
 image_size = "128KiB"
@@ -60,7 +60,7 @@ def _run(tmp_path: Path, text: str, broker: str, database: str | None = None):
 
 def test_staged_rollout_commits_everywhere_on_sqlite(tmp_path: Path, mosquitto_addr) -> None:
     host, port = mosquitto_addr
-    text = FLEET.format(name="e2e-staged", seed=1) + """
+    text = FLEET.format(name="e2e-staged", seed=1, timeout=50) + """
 [rollout]
 trial = { tags = ["canary"], count = 2 }
 phases = [50, 100]
@@ -85,7 +85,7 @@ def test_failing_self_test_reverts_and_pauses_on_postgres(
     tmp_path: Path, mosquitto_addr, pg_schema_url: str
 ) -> None:
     host, port = mosquitto_addr
-    text = FLEET.format(name="e2e-revert", seed=2) + """
+    text = FLEET.format(name="e2e-revert", seed=2, timeout=50) + """
 [rollout]
 trial = { tags = ["canary"], count = 2 }
 phases = [100]
@@ -117,7 +117,7 @@ version = "1.1.0"
 
 def test_power_cut_mid_update_bricks_nothing(tmp_path: Path, mosquitto_addr) -> None:
     host, port = mosquitto_addr
-    text = FLEET.format(name="e2e-power-cut", seed=3) + """
+    text = FLEET.format(name="e2e-power-cut", seed=3, timeout=30) + """
 [rollout]
 phases = [100]
 max_failure_rate = 100
