@@ -145,7 +145,7 @@ def _summary(  # noqa: PLR0917 - one caller
     console.print("Look around with the real controller:")
     console.print(f"  slotline controller serve --database sqlite:///{db} "
                   f"--data-dir {work_dir / 'controller'}")
-    console.print("  then open http://127.0.0.1:8000/docs (token in "
+    console.print("  then open http://127.0.0.1:8080/docs (token in "
                   f"{work_dir / 'controller' / 'admin.token'}), or run `slotline demo --serve`.")
     console.print("Try a scenario: slotline sim list; slotline sim run power_cut")
 
