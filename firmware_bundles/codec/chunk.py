@@ -138,10 +138,15 @@ def _decode_patch(view: memoryview, out_size: int, base: Reader | None) -> bytes
         refs.append(ref)
     if pos != len(view):
         raise DeltaCorrupt("trailing bytes after a delta chunk")
-    wraw, ctrl, zruns, nzruns, values, lit = decode_all(refs)
-    if len(wraw) != nwin * 12 or len(ctrl) != ncov * 12:
-        raise DeltaCorrupt("window or cover table of the wrong size")
-    window = _read_windows(wraw, nwin, out_size, base)
+    # The window table first (small), then the base window is read while the other streams
+    # decode on the pool: the read overlaps the decompression instead of following it.
+    wraw = refs[0].decode()
+    if len(wraw) != nwin * 12:
+        raise DeltaCorrupt("window table of the wrong size")
+    (ctrl, zruns, nzruns, values, lit), window = decode_all(
+        refs[1:], lambda: _read_windows(wraw, nwin, out_size, base))
+    if len(ctrl) != ncov * 12:
+        raise DeltaCorrupt("cover table of the wrong size")
     if _native is not None:
         try:
             out: bytes = _native.apply_patch(out_size, window, ctrl, ncov, zruns, nzruns,

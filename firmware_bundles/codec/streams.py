@@ -16,10 +16,10 @@ import enum
 import lzma
 import os
 import sys
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 if sys.version_info >= (3, 14):  # pragma: no cover - same API in the standard library
     from compression.zstd import (  # type: ignore[import-not-found]
@@ -308,20 +308,30 @@ def decode_prefixed(payload: memoryview, prefix: bytes, out_size: int) -> bytes:
 
 
 _POOL: ThreadPoolExecutor | None = None
+_T = TypeVar("_T")
 _PARALLEL_MIN = 64 << 10  # below this much compressed input, threads cost more than they save
 
 
-def decode_all(refs: list[StreamRef]) -> list[bytes]:
-    """Decode several streams of one chunk, large ones on two threads.
+def decode_all(refs: list[StreamRef], meanwhile: Callable[[], _T]
+               ) -> tuple[list[bytes], _T]:
+    """Decode several streams of one chunk, large ones on two threads, and run ``meanwhile``.
 
-    The decompressors release the GIL, so a chunk's values and run streams decode side by side.
+    The decompressors and base reads (``os.pread``) release the GIL, so a chunk's values and
+    run streams decode side by side while the calling thread runs ``meanwhile`` (the base
+    window read). Returns the decoded streams in order and ``meanwhile``'s result.
     """
     global _POOL  # noqa: PLW0603 - one lazily made pool per process
     if sum(len(r.payload) for r in refs) < _PARALLEL_MIN or (os.cpu_count() or 1) < 2:
-        return [r.decode() for r in refs]
+        decoded = [r.decode() for r in refs]
+        return decoded, meanwhile()
     if _POOL is None:
         _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="delta-decode")
     # Largest first, so the two threads finish close together.
     order = sorted(range(len(refs)), key=lambda i: -len(refs[i].payload))
     futures = {i: _POOL.submit(refs[i].decode) for i in order}
-    return [futures[i].result() for i in range(len(refs))]
+    try:
+        extra = meanwhile()
+    finally:
+        # Every stream is waited for (even when ``meanwhile`` failed): none outlives the call.
+        wait(futures.values())
+    return [futures[i].result() for i in range(len(refs))], extra

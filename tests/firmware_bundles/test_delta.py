@@ -17,9 +17,11 @@ from firmware_bundles.codec.matcher import Covers
 from firmware_bundles.codec.streams import (
     Codec,
     StreamOptions,
+    decode_all,
     decode_stream,
     encode_stream,
     get_uvarint,
+    parse_stream,
     put_uvarint,
 )
 from firmware_bundles.delta import (
@@ -397,3 +399,30 @@ def test_well_framed_but_forged_streams_are_refused(tmp_path: Path, monkeypatch:
         assert e.code in {"bundle.truncated", "bundle.delta_corrupt", "bundle.size_exceeded"}  # noqa: PT017
     else:
         assert len(out) == c.out_size
+
+
+def test_streams_decode_while_the_window_is_read() -> None:
+    """decode_all runs the base read beside the decoders; errors from either side surface."""
+    rng = random.Random(7)
+    # Large enough (compressed) to take the threaded path (_PARALLEL_MIN).
+    raws = [rng.randbytes(150_000), bytes(300_000), rng.randbytes(90_000)]
+    refs = []
+    for raw in raws:
+        enc = encode_stream(raw, StreamOptions(zstd_max_raw=0, lzma_lclppb=((0, 0, 0),)))
+        refs.append(parse_stream(enc, 0, len(raw))[0])
+    decoded, extra = decode_all(refs, lambda: b"window")
+    assert decoded == raws
+    assert extra == b"window"
+
+    def failing_read() -> bytes:
+        raise DeltaCorrupt("base image too short for this delta")
+
+    with pytest.raises(DeltaCorrupt, match="too short"):
+        decode_all(refs, failing_read)
+    # The zero stream is a few LZMA bytes: a flipped byte in it cannot decode to 300,000 zeros.
+    bad = bytearray(encode_stream(raws[1], StreamOptions(zstd_max_raw=0,
+                                                         lzma_lclppb=((0, 0, 0),))))
+    bad[len(bad) // 2 + 4] ^= 0xFF
+    refs[1] = parse_stream(bytes(bad), 0, len(raws[1]))[0]
+    with pytest.raises(BundleRejected):
+        decode_all(refs, lambda: b"window")
