@@ -14,7 +14,6 @@ Rules:
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import socket
@@ -72,7 +71,6 @@ class Broker:
         self._timeout = connect_timeout
         self._embedded: Any = None
         self.kind = "external"
-        self.log_tail: collections.deque[str] = collections.deque(maxlen=200)
         if url is None:
             self._start(None)
         else:
@@ -88,24 +86,6 @@ class Broker:
             raise Unreachable(f"could not start an MQTT broker: {e}") from e
         self.kind = self._embedded.kind
         self.host, self.port = self._embedded.host, self._embedded.port
-        self._drain_logs()
-
-    def _drain_logs(self) -> None:
-        # The launcher pipes Mosquitto's stderr and reads it only at stop; Mosquitto logs every
-        # connect, so with hundreds of devices the pipe fills and the broker blocks on write.
-        # Keep reading it (the last lines stay available for diagnosis).
-        proc = getattr(self._embedded, "proc", None)
-        stream = getattr(proc, "stderr", None)
-        if stream is None:
-            return
-        tail = self.log_tail
-
-        def pump() -> None:
-            with contextlib.suppress(ValueError, OSError):
-                for line in iter(stream.readline, b""):
-                    tail.append(line.decode(errors="replace").rstrip())
-
-        threading.Thread(target=pump, name="sim-broker-log", daemon=True).start()
 
     @property
     def url(self) -> str:

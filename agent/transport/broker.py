@@ -235,11 +235,28 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-def _wait_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
+def _launch_mosquitto(
+    conf: Path, workdir: Path, host: str, port: int, timeout: float
+) -> subprocess.Popen[bytes]:
+    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    # A file, not a pipe: nobody reads a pipe while the broker runs, and past a few hundred
+    # clients its connection log fills the pipe and stalls the broker.
+    log = conf.with_suffix(".log")
+    with log.open("ab") as sink:
+        proc = subprocess.Popen(
+            [exe, "-c", str(conf)], cwd=workdir, stdout=sink, stderr=subprocess.STDOUT
+        )
+    _wait_port(host, port, proc, log, timeout)
+    return proc
+
+
+def _wait_port(
+    host: str, port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            err = log.read_text(errors="replace") if log.exists() else ""
             raise RuntimeError(f"broker exited with {proc.returncode}: {err.strip()[-500:]}")
         if port_open(host, port):
             return
@@ -290,16 +307,16 @@ class EmbeddedBroker:
             Path(config.acl_file).write_text(config.render_acl())
         conf = workdir / f"mosquitto-{config.port}.conf"
         conf.write_text(config.render())
-        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        proc = subprocess.Popen(
-            [exe, "-c", str(conf)],
-            cwd=workdir,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
         host = "127.0.0.1" if config.bind in ("0.0.0.0", "") else config.bind  # noqa: S104
-        _wait_port(host, config.port, proc, timeout)
+        proc = _launch_mosquitto(conf, workdir, host, config.port, timeout)
         return cls("mosquitto", host, config.port, workdir, proc, conf)
+
+    def restart(self, timeout: float = 10.0) -> None:
+        """Stop and start a Mosquitto on the same config (it reads its CRL only at start)."""
+        if self.kind != "mosquitto" or self.config_path is None:
+            raise RuntimeError("only a Mosquitto started from a config can be restarted")
+        self.stop()
+        self.proc = _launch_mosquitto(self.config_path, self.workdir, self.host, self.port, timeout)
 
     @classmethod
     def start_iotcore(
@@ -343,8 +360,6 @@ class EmbeddedBroker:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-        if self.proc is not None and self.proc.stderr is not None:
-            self.proc.stderr.close()
         if self._iotcore is not None:
             self._iotcore.stop()  # type: ignore[attr-defined]
             self._iotcore = None
@@ -361,9 +376,11 @@ class EmbeddedBroker:
         self.stop()
 
     def logs(self) -> Iterator[str]:
-        """Mosquitto's stderr so far (only after stop)."""
-        if self.proc is not None and self.proc.stderr is not None and not self.proc.stderr.closed:
-            yield from self.proc.stderr.read().decode(errors="replace").splitlines()
+        """Mosquitto's log so far."""
+        if self.proc is not None and self.config_path is not None:
+            log = self.config_path.with_suffix(".log")
+            if log.exists():
+                yield from log.read_text(errors="replace").splitlines()
 
 
 def render_rumqttd(port: int, bind: str = "127.0.0.1") -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import subprocess
 
 import paho.mqtt.client as paho
 import pytest
@@ -18,7 +17,6 @@ from transport_pki import ThrowawayPKI
 
 from agent.adapters.mqtt import MqttTransport
 from agent.transport.aioclient import AsyncMqttClient, MqttSettings, TlsFiles
-from agent.transport.broker import EmbeddedBroker, _wait_port
 from controller.gateway import MqttGateway
 from firmware_bundles import protocol as wire
 
@@ -172,17 +170,7 @@ def test_revoked_certificate_is_refused(tmp_path, secure_broker) -> None:
     pki.revoke("dev-rev")
     # Mosquitto reads the CRL at start: restart the broker on the same config.
     broker = secure_broker.broker
-    broker.stop()
-    proc = subprocess.Popen(
-        ["mosquitto", "-c", str(broker.config_path)],
-        cwd=broker.workdir,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    _wait_port("127.0.0.1", broker.port, proc, 10)
-    secure_broker.broker = EmbeddedBroker(
-        "mosquitto", "127.0.0.1", broker.port, broker.workdir, proc, broker.config_path
-    )
+    broker.restart()
     other_cert, other_key = pki.issue("dev-fine")
     assert _raw_connect(broker.port, TlsFiles(pki.ca, other_cert, other_key), "dev-fine") == "ok"
     assert _raw_connect(broker.port, TlsFiles(pki.ca, cert, key), "dev-rev") != "ok"
