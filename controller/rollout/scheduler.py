@@ -744,18 +744,9 @@ class Scheduler:
                 )
                 continue
             args, payload_id = chosen
-            counter = int(last) + 1
-            body = self._sign(device_id, counter, "install", args, now)
-            counters.append({"id": device_id, "command_counter": counter})
-            outbox.append(
-                {
-                    "device_id": device_id,
-                    "counter": counter,
-                    "action": "install",
-                    "rollout_id": ro.id,
-                    "body": body,
-                    "created_at": now,
-                }
+            counter = self._queue_install(
+                device_id, int(last), args,
+                rollout_id=ro.id, now=now, counters=counters, outbox=outbox,
             )
             commanded.append(
                 {
@@ -799,24 +790,17 @@ class Scheduler:
         release = s.get(m.Release, ro.release_id)
         assert release is not None
         plan = self.svc.releases.install_plan(s, release, ro.id)
-        counters, outbox, moved = [], [], []
+        counters: list[dict[str, Any]] = []
+        outbox: list[dict[str, Any]] = []
+        moved: list[dict[str, Any]] = []
         for device_id, last, digest in rows:
             chosen = plan.args_for(device_id, digest)
             if chosen is None:
                 continue
             args, payload_id = chosen
-            counter = int(last) + 1
-            body = self._sign(device_id, counter, "install", args, now)
-            counters.append({"id": device_id, "command_counter": counter})
-            outbox.append(
-                {
-                    "device_id": device_id,
-                    "counter": counter,
-                    "action": "install",
-                    "rollout_id": ro.id,
-                    "body": body,
-                    "created_at": now,
-                }
+            counter = self._queue_install(
+                device_id, int(last), args,
+                rollout_id=ro.id, now=now, counters=counters, outbox=outbox,
             )
             moved.append(
                 {
@@ -832,6 +816,34 @@ class Scheduler:
             s.execute(insert(m.Command), outbox)
             s.execute(update(m.RolloutDevice), moved)
             self._decide(s, ro.id, now, "scheduler", "ReissueExpired", devices=len(counters))
+
+    def _queue_install(
+        self,
+        device_id: str,
+        last_counter: int,
+        args: dict[str, Any],
+        *,
+        rollout_id: int,
+        now: float,
+        counters: list[dict[str, Any]],
+        outbox: list[dict[str, Any]],
+    ) -> int:
+        # One place numbers and signs an install, so first issue and re-issue cannot drift apart
+        # on the counter rule (strictly +1, written in the same transaction as the outbox row).
+        counter = last_counter + 1
+        body = self._sign(device_id, counter, "install", args, now)
+        counters.append({"id": device_id, "command_counter": counter})
+        outbox.append(
+            {
+                "device_id": device_id,
+                "counter": counter,
+                "action": "install",
+                "rollout_id": rollout_id,
+                "body": body,
+                "created_at": now,
+            }
+        )
+        return counter
 
     def _sign(
         self, device_id: str, counter: int, action: str, args: dict[str, Any], now: float
