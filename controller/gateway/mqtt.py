@@ -97,6 +97,7 @@ class MqttGateway:
         self._event_buckets: dict[str, TokenBucket] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._retained_done = False
+        self._subscribed = asyncio.Event()
         self._bg: set[asyncio.Task[None]] = set()
 
     @property
@@ -111,8 +112,17 @@ class MqttGateway:
         self.server.start()
 
     async def wait_ready(self, timeout: float = 10.0) -> bool:
-        """Wait until connected (subscriptions follow on connect)."""
-        return await self.client.wait_connected(timeout)
+        """Wait until connected, subscribed, and the retained state and presence are read.
+
+        Before that, a device's live report could reach the broker ahead of our subscription
+        and be seen by nobody (shared subscriptions get no retained copies).
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                await self._subscribed.wait()
+        except TimeoutError:
+            return False
+        return True
 
     async def stop(self) -> None:
         """Stop serving and disconnect."""
@@ -139,6 +149,7 @@ class MqttGateway:
             # copies are dropped by the client meanwhile. Then stop it.
             await asyncio.sleep(2.0)
             self.client.paho.unsubscribe(plain)
+        self._subscribed.set()
 
     # ------------------------------------------------------------------ outbound
 
