@@ -32,6 +32,7 @@ from typing import Any, BinaryIO, Self
 
 from firmware_bundles import canonical
 from firmware_bundles.commands import Action, Command
+from firmware_bundles.durable import fsync_dir
 from firmware_bundles.errors import (
     BaseMismatch,
     BundleRejected,
@@ -363,14 +364,6 @@ def _checked_base(payload: Payload, base_path: Path | None) -> Iterator[Any]:
         yield FileBaseReader(base_file)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def apply_chunks(
     release: VerifiedRelease,
     chunks: Iterator[bytes],
@@ -460,7 +453,7 @@ def _write_atomically(
             out.flush()
             os.fsync(out.fileno())
         tmp.replace(out_path)
-        _fsync_dir(out_path.parent)
+        fsync_dir(out_path.parent)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):

@@ -27,6 +27,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from firmware_bundles.durable import fsync_dir
 from firmware_bundles.errors import DigestMismatch, FormatInvalid, SizeExceeded, TransferError
 from firmware_bundles.keys import is_hex_digest
 from firmware_bundles.manifest import MAX_CHUNK_SIZE
@@ -91,7 +92,7 @@ class ChunkStore:
                 if not existed:
                     self._usage += len(data)
                     self._count += 1
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         except OSError as e:
             with contextlib.suppress(OSError):
                 Path(tmp).unlink()
@@ -139,11 +140,3 @@ class ChunkStore:
 
     def __iter__(self) -> Iterator[str]:
         return (p.name for p in self._files())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
