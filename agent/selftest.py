@@ -132,12 +132,17 @@ async def _run_argv(
         await proc.wait()
         raise _Fail("selftest.timeout", f"{argv[0]} did not finish within {timeout:g} s") from None
     finally:
-        if proc.returncode is None:
-            # cancelled by the overall deadline: kill the group and reap it before going on
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(proc.wait())
+        await _reap(proc)
+
+
+async def _reap(proc: asyncio.subprocess.Process) -> None:
+    # Still running here means cancelled (the overall deadline) or timed out: kill the whole
+    # process group and reap it before going on, so no probe outlives its check.
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(BaseException):
+            await asyncio.shield(proc.wait())
 
 
 async def capture(argv: Sequence[str], timeout: float, limit: int = 4096) -> tuple[int, bytes]:
@@ -172,11 +177,7 @@ async def capture(argv: Sequence[str], timeout: float, limit: int = 4096) -> tup
     except TimeoutError:
         raise RuntimeError(f"{argv[0]} did not finish within {timeout:g} s") from None
     finally:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(proc.wait())
+        await _reap(proc)
     return rc, out
 
 
