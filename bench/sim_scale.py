@@ -116,6 +116,9 @@ def one(n: int, work: Path) -> dict[str, object]:
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--plot-only"]:  # redraw from the last run's JSON
+        plot(json.loads((OUT / "sim_scale.json").read_text()))
+        return
     sizes = [int(x) for x in sys.argv[1:]] or [1000, 3000, 10000]
     OUT.mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="slotline-bench-"))
@@ -148,12 +151,20 @@ def plot(rows: list[dict[str, object]]) -> None:
         return
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
     xs = [r["devices"] for r in ok]
-    ax[0].plot(xs, [r["rollout_seconds"] for r in ok], "o-")
+    ys = [r["rollout_seconds"] for r in ok]
+    # Least-squares line through the origin: "linear" means the points sit on it.
+    slope = sum(x * y for x, y in zip(xs, ys, strict=True)) / sum(x * x for x in xs)
+    top = max(xs)
+    ax[0].plot(xs, ys, "o", label="measured")
+    ax[0].plot([0, top], [0, slope * top], "--", label=f"linear: {slope * 1000:.1f} ms/device")
     ax[0].set_xlabel("devices")
     ax[0].set_ylabel("rollout wall time (s)")
-    ax[1].plot(xs, [r["worker_peak_rss_bytes"] / 2**20 for r in ok], "o-")
+    ax[0].legend()
+    ax[1].plot(xs, [r["worker_peak_rss_bytes"] / 2**20 for r in ok], "o-", label="all workers")
     ax[1].set_xlabel("devices")
     ax[1].set_ylabel("worker peak RSS (MiB)")
+    ax[1].legend()
+    fig.suptitle("Slotline simulator: one staged rollout, real agents, one 2-core machine")
     fig.tight_layout()
     fig.savefig(Path("docs/benchmarks/simulator-scale.png"), dpi=100)
 
