@@ -11,6 +11,9 @@ Rules:
   or a delta whose base image is there), as the base of future deltas.
 * A device names the release's ``bundle_id`` when it fetches chunks; which payload's chunks it
   gets is what the controller offered that device (its ``rollout_devices.payload_id``).
+* A site relay fetches as ``relay-<site>`` (docs/protocol.md) and gets what was offered to a
+  device of that site; its cache is keyed by ``(bundle_id, index)``, so one payload per site
+  and release (a site whose devices need different deltas is served the latest offer).
 * For a rollout, ``prepare_payloads`` makes one delta per distinct active-slot digest among the
   targeted devices for which the base image is known (``encode_delta``); the payload document is
   signed by the command role and names the release manifest's digest. A device whose active
@@ -51,6 +54,16 @@ log = logging.getLogger(__name__)
 
 PAYLOAD_DOC_LIFETIME = 30 * 86400
 RESIGN_BEFORE = 86400
+
+
+RELAY_PREFIX = "relay-"
+
+
+def relay_site_of(identity: str) -> str | None:
+    """The site of a relay identity ``relay-<site>``, else None (a device id)."""
+    if identity.startswith(RELAY_PREFIX) and len(identity) > len(RELAY_PREFIX):
+        return identity[len(RELAY_PREFIX) :]
+    return None
 
 
 @dataclass(frozen=True)
@@ -486,13 +499,17 @@ class ReleaseStore:
         with self._lock:
             payload_id = self._offered.get((device_id, bundle_id))
         if payload_id is None:
+            relay_site = relay_site_of(device_id)
+            who = (
+                m.RolloutDevice.site == relay_site
+                if relay_site is not None
+                else m.RolloutDevice.device_id == device_id
+            )
             with self.svc.sessions() as s:
                 payload_id = s.scalar(
                     select(m.RolloutDevice.payload_id)
                     .join(m.Payload, m.Payload.payload_id == m.RolloutDevice.payload_id)
-                    .where(
-                        m.RolloutDevice.device_id == device_id, m.Payload.release_id == bundle_id
-                    )
+                    .where(who, m.Payload.release_id == bundle_id)
                     .order_by(m.RolloutDevice.rollout_id.desc())
                     .limit(1)
                 )

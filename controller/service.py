@@ -591,11 +591,13 @@ class ControllerService:
         return self.releases.resolve_chunk(device_id, bundle_id, index)
 
     def site_of(self, device_id: str) -> str | None:
-        """The site of a device, from a cache filled on enrollment and first look-up."""
+        """The site of a device (or of a relay ``relay-<site>``: its fetches share the budget)."""
         if self.known_device(device_id):
             with self._caches.lock:
                 return self._caches.site_of.get(device_id)
-        return None
+        from controller.releases import relay_site_of  # noqa: PLC0415 - lazy, as ReleaseStore
+
+        return relay_site_of(device_id)
 
     # ------------------------------------------------------------------ scheduler
 

@@ -488,3 +488,22 @@ def test_health_gate_compares_the_metric_the_rollout_names(svc, fleet, release):
 def test_hostile_health_numbers_are_dropped_not_raised() -> None:
     got = _numbers({"errors": 10**400, "ok": 3, "flag": True, "nan": float("nan"), "s": "x"})
     assert got == {"ok": 3.0}
+
+
+def test_site_relay_is_served_what_its_site_was_offered(svc, fleet, release):
+    fleet.enroll(3, digest=release["v1"], site="s1")
+    ro = svc.scheduler.create(
+        fleet.ops, name="r", release_id=release["id"], phases=[PhaseSpec("all", 100, p.Gate())]
+    )
+    assert svc.resolve_chunk("relay-s1", release["id"], 0) is None  # nothing offered yet
+    svc.scheduler.start(fleet.ops, ro["id"])
+    svc.tick()
+    svc.tick()
+    # The relay (docs/protocol.md: identity relay-<site>) gets the site's payload, no other site's.
+    assert svc.resolve_chunk("relay-s1", release["id"], 0) == svc.resolve_chunk(
+        "d0000", release["id"], 0
+    )
+    assert svc.resolve_chunk("relay-s1", release["id"], 0) is not None
+    assert svc.resolve_chunk("relay-s2", release["id"], 0) is None
+    assert svc.site_of("relay-s1") == "s1"
+    assert svc.site_of("d0000") == "s1"
