@@ -36,7 +36,6 @@ from types import TracebackType
 from typing import BinaryIO, Protocol, Self
 
 from firmware_bundles.codec import chunk as _chunk
-from firmware_bundles.codec import encoder as _encoder
 from firmware_bundles.codec.chunk import MAX_CHUNK_OUT
 from firmware_bundles.errors import DeltaCorrupt
 
@@ -135,6 +134,8 @@ def encode_full(new: Path, *, chunk_out_size: int = DEFAULT_CHUNK) -> Iterator[E
     Raises:
         ValueError: ``chunk_out_size`` outside 1..MAX_CHUNK_OUT.
     """
+    from firmware_bundles.codec import encoder as _encoder  # noqa: PLC0415 - numpy: encoder only
+
     data = Path(new).read_bytes()
     for c in _encoder.iter_full(data, chunk_out_size):
         yield EncodedChunk(c.data, c.out_size)
@@ -147,6 +148,7 @@ def encode_delta(old: Path, new: Path, *,
     Raises:
         ValueError: ``chunk_out_size`` outside 1..MAX_CHUNK_OUT.
     """
+    from firmware_bundles.codec import encoder as _encoder  # noqa: PLC0415 - numpy: encoder only
     from firmware_bundles.codec.matcher import find_covers  # noqa: PLC0415 - encoder only
 
     if not 0 < chunk_out_size <= MAX_CHUNK_OUT:

@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterator
-from typing import Protocol
-
-import numpy as np
+from typing import TYPE_CHECKING, Protocol
 
 from firmware_bundles.codec.streams import (
     decode_all,
@@ -42,6 +40,9 @@ from firmware_bundles.codec.streams import (
     parse_stream,
 )
 from firmware_bundles.errors import DeltaCorrupt, SizeExceeded, Truncated
+
+if TYPE_CHECKING:  # numpy (about 20 MiB of RSS) loads only for the encoder and the fallback
+    import numpy as np
 
 try:  # the C apply loop (setup.py builds it); the numpy path below is the fallback
     from firmware_bundles.codec import _apply as _native  # type: ignore[attr-defined]
@@ -72,24 +73,28 @@ class Reader(Protocol):
 
 def planes(values: np.ndarray, width: int) -> bytes:
     """Little-endian ``width``-byte integers as byte planes (low bytes first)."""
+    import numpy as np  # noqa: PLC0415 - see the TYPE_CHECKING import
     arr = np.ascontiguousarray(values, dtype=f"<u{width}")
     return arr.view(np.uint8).reshape(-1, width).T.tobytes()
 
 
 def unplanes(raw: bytes, count: int, width: int) -> np.ndarray:
     """Inverse of :func:`planes`; returns uint64."""
+    import numpy as np  # noqa: PLC0415 - see the TYPE_CHECKING import
     arr = np.frombuffer(raw, dtype=np.uint8).reshape(width, count).T.copy()
     return arr.view(f"<u{width}").reshape(count).astype(np.uint64)
 
 
 def zigzag(values: np.ndarray) -> np.ndarray:
     """Signed to unsigned (0, -1, 1, -2 -> 0, 1, 2, 3)."""
+    import numpy as np  # noqa: PLC0415 - see the TYPE_CHECKING import
     v = values.astype(np.int64)
     return ((v << 1) ^ (v >> 63)).astype(np.uint64)
 
 
 def unzigzag(values: np.ndarray) -> np.ndarray:
     """Inverse of :func:`zigzag`; returns int64."""
+    import numpy as np  # noqa: PLC0415 - see the TYPE_CHECKING import
     v = values.astype(np.uint64)
     return ((v >> np.uint64(1)).astype(np.int64)) ^ -((v & np.uint64(1)).astype(np.int64))
 
@@ -154,6 +159,8 @@ def _decode_patch(view: memoryview, out_size: int, base: Reader | None) -> bytes
         except ValueError as e:
             raise DeltaCorrupt(f"delta chunk inconsistent: {e}") from e
         return out
+    import numpy as np  # noqa: PLC0415 - the fallback only
+
     return _apply_numpy(np.frombuffer(window, np.uint8), ctrl, ncov, zruns=zruns,
                         nzruns=nzruns, nrun=nrun, values=values, lit=lit, out_size=out_size)
 
@@ -172,20 +179,27 @@ def _decode_prefix(view: memoryview, out_size: int, base: Reader | None) -> byte
 
 
 def _read_windows(wraw: bytes, nwin: int, out_size: int, base: Reader) -> bytes:
-    """Read the chunk's base ranges into one buffer (at most ``2 * out_size`` bytes)."""
-    wgap = unplanes(wraw[: nwin * 8], nwin, 8)
-    wlen = unplanes(wraw[nwin * 8:], nwin, 4)
-    if nwin and int(wgap.max()) > base.size:  # keeps the sums below far from int64 limits
+    """Read the chunk's base ranges into one buffer (at most ``2 * out_size`` bytes).
+
+    Plain Python, not numpy: the table is small and this is the only numpy use on the path
+    of the C apply loop, where importing numpy would cost about 20 MiB of a device's RSS.
+    """
+    wgap = _uint_planes(wraw[: nwin * 8], nwin, 8)
+    wlen = _uint_planes(wraw[nwin * 8:], nwin, 4)
+    if nwin and max(wgap) > base.size:
         raise DeltaCorrupt("window outside the base image")
-    total_win = int(wlen.sum()) if nwin else 0
+    total_win = sum(wlen)
     if total_win > 2 * out_size:
         raise DeltaCorrupt("delta chunk reads more base than it may")
-    wstart = np.cumsum(wgap.astype(np.int64)) + (np.cumsum(wlen.astype(np.int64))
-                                                 - wlen.astype(np.int64))
-    if nwin and int(wstart[-1]) + int(wlen[-1]) > base.size:
+    wstart = []
+    end = 0
+    for gap, length in zip(wgap, wlen, strict=True):
+        wstart.append(end + gap)  # gaps count from the previous window's end
+        end += gap + length
+    if nwin and end > base.size:
         raise DeltaCorrupt("base image too short for this delta")
     pieces = []
-    for start, length in zip(wstart.tolist(), wlen.tolist(), strict=True):
+    for start, length in zip(wstart, wlen, strict=True):
         piece = base.pread(start, length)
         if len(piece) != length:
             raise DeltaCorrupt("base image too short for this delta")
@@ -194,8 +208,15 @@ def _read_windows(wraw: bytes, nwin: int, out_size: int, base: Reader) -> bytes:
     return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
+def _uint_planes(raw: bytes, count: int, width: int) -> list[int]:
+    """Inverse of :func:`planes` as Python ints (``raw`` holds exactly ``count * width``)."""
+    rows = zip(*(raw[j * count:(j + 1) * count] for j in range(width)), strict=True)
+    return [int.from_bytes(bytes(row), "little") for row in rows]
+
+
 def decode_uvarints(raw: bytes, count: int) -> np.ndarray:
     """``count`` unsigned LEB128 numbers filling ``raw`` exactly (vectorised)."""
+    import numpy as np  # noqa: PLC0415 - see the TYPE_CHECKING import
     b = np.frombuffer(raw, np.uint8)
     last = b < 0x80
     if int(last.sum()) != count or (len(b) and not last[-1]):
@@ -214,6 +235,7 @@ def decode_uvarints(raw: bytes, count: int) -> np.ndarray:
 def _apply_numpy(window: np.ndarray, ctrl: bytes, ncov: int, *, zruns: bytes, nzruns: bytes,
                  nrun: int, values: bytes, lit: bytes, out_size: int) -> bytes:
     """Fallback when the C helper is not built: same checks, vectorised, more memory."""
+    import numpy as np  # noqa: PLC0415 - see the TYPE_CHECKING import
     gaps = unplanes(ctrl[: ncov * 4], ncov, 4).astype(np.int64)
     lens = unplanes(ctrl[ncov * 4: ncov * 8], ncov, 4).astype(np.int64)
     wdelta = unzigzag(unplanes(ctrl[ncov * 8:], ncov, 4))
