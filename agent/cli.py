@@ -95,29 +95,6 @@ def _locked(journal: str) -> Iterator[None]:
         os.close(fd)
 
 
-class _LazyVerifier:
-    """The command verifier, built on the first command.
-
-    Verifying Ed25519 loads ``cryptography`` (about 8 MiB of RSS); an idle agent that has not
-    received a command in this process does not need it. The trust root is read at start-up,
-    so a missing file still fails early; a root that does not verify is reported on the first
-    command with its code (``bundle.trust_invalid``).
-    """
-
-    def __init__(self, trust_root: bytes, device_id: str, hardware: str) -> None:
-        self._root = trust_root
-        self._device = device_id
-        self._hardware = hardware
-        self._inner: Any = None
-
-    def verify(self, raw: bytes, state: Any, now: float) -> Any:
-        if self._inner is None:
-            from agent.verify import make_verifier  # noqa: PLC0415
-
-            self._inner = make_verifier(self._root, device_id=self._device, hardware=self._hardware)
-        return self._inner.verify(raw, state, now)
-
-
 def _load(config: str) -> Any:
     from agent.config import load_config  # noqa: PLC0415
     from agent.errors import ConfigInvalid  # noqa: PLC0415
@@ -166,6 +143,7 @@ def _build(cfg: Any, *, transport: Any = None, power: Any = None, sources: Any =
     from agent.adapters.state_file import FileJournal  # noqa: PLC0415
     from agent.runtime import Agent, AgentConfig  # noqa: PLC0415
     from agent.selftest import CommandMigrations, SelfTestRunner  # noqa: PLC0415
+    from agent.verify_child import ChildVerifier  # noqa: PLC0415
 
     env = _bootenv(cfg)
     booted = _booted(cfg, env)
@@ -197,7 +175,9 @@ def _build(cfg: Any, *, transport: Any = None, power: Any = None, sources: Any =
         power=power or _SystemPower(),
         booted=booted,
         transport=transport,
-        verifier=_LazyVerifier(trust_root, cfg.device_id, cfg.hardware),
+        # design: commands are verified in a child process (agent/verify_child.py), so the
+        # daemon never loads cryptography and stays at its idle size after a command
+        verifier=ChildVerifier(trust_root, device_id=cfg.device_id, hardware=cfg.hardware),
         selftest=SelfTestRunner(cfg.checks, deadline=cfg.selftest_deadline, transport=transport),
         migrations=CommandMigrations(cfg.migrate, cfg.undo, cfg.migration_timeout),
         sources=sources,

@@ -10,6 +10,7 @@ here can appear in the ``last_result`` of ``slotline agent status`` and in publi
     agent.no_progress       the update crashed the agent MAX_ATTEMPTS times without progress
     agent.no_rollback_slot  fleet rollback asked, but the other slot holds no GOOD image
     agent.too_late          cancel after the switch (use rollback)
+    agent.verifier_failed   the command-verifier child crashed, hung or answered garbage
     slot.io_error           reading/writing/syncing the inactive slot failed
     slot.no_space           the medium under the inactive slot is full
     slot.too_small          the image does not fit the slot
@@ -130,3 +131,9 @@ class ConfigInvalid(AgentError):
     """agent.toml is invalid."""
 
     code = "config.invalid"
+
+
+class VerifierFailed(AgentError):
+    """The child process that verifies a command did not answer (the command is refused)."""
+
+    code = "agent.verifier_failed"

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import inspect
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
@@ -142,9 +143,15 @@ class Migrations(Protocol):
 
 
 class CommandVerifier(Protocol):
-    """Turns a raw signed command into an agent-level request (``agent/verify.py``)."""
+    """Turns a raw signed command into an agent-level request (``agent/verify.py``).
 
-    def verify(self, raw: bytes, state: AgentState, now: float) -> VerifiedCommand:
+    In-process verifiers return the command; the daemon's (``agent/verify_child.py``) returns
+    an awaitable, because it waits for a child process without blocking the loop.
+    """
+
+    def verify(
+        self, raw: bytes, state: AgentState, now: float
+    ) -> VerifiedCommand | Awaitable[VerifiedCommand]:
         """Check signature, device, counter, expiry and the manifest; raise ``BundleError``."""
         ...
 
@@ -427,7 +434,8 @@ class Agent:
         if self.verifier is None:
             raise RuntimeError("no verifier configured: cannot accept signed commands")
         try:
-            cmd = self.verifier.verify(raw, self.state, self.clock.now())
+            checked = self.verifier.verify(raw, self.state, self.clock.now())
+            cmd = await checked if inspect.isawaitable(checked) else checked
         except (BundleError, AgentError) as e:
             await self._feed(Rejected(e.code, str(e)))
             return

@@ -53,8 +53,16 @@ class BundleVerifier:
 
     def verify(self, raw: bytes, state: AgentState, now: float) -> VerifiedCommand:
         """Check everything; raise a ``BundleError`` subclass with a stable code otherwise."""
+        return self.verify_facts(
+            raw, last_counter=state.last_counter, security_version=state.security_version, now=now
+        )
+
+    def verify_facts(
+        self, raw: bytes, *, last_counter: int, security_version: int, now: float
+    ) -> VerifiedCommand:
+        """:meth:`verify` given only the two facts of the state it reads (the child's entry)."""
         cmd = verify_command(
-            raw, self.trust, device_id=self.device_id, last_counter=state.last_counter, now=int(now)
+            raw, self.trust, device_id=self.device_id, last_counter=last_counter, now=int(now)
         )
         if cmd.action is Action.INSTALL:
             verified = verify_install(
@@ -62,7 +70,7 @@ class BundleVerifier:
                 self.trust,
                 now=int(now),
                 hardware=self.hardware,
-                min_security_version=state.security_version,
+                min_security_version=security_version,
             )
             rollout = cmd.args.get("rollout")
             release = release_of(verified, rollout=None if rollout is None else str(rollout))
