@@ -180,7 +180,7 @@ def main() -> None:
             NS_IP,
             rate_kbit=args.rate_kbit,
             loss=args.loss,
-            leaf=("pfifo", "limit", str(args.queue)),
+            queue=args.queue,
         ),
         tempfile.TemporaryDirectory() as tmp,
     ):

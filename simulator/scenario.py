@@ -44,6 +44,8 @@ from simulator.tomlpos import Path, format_path, key_lines, line_of
 
 T = TypeVar("T")
 
+MAX_NETNS_DEVICES = 16  # devices on real links (network namespaces) in one run
+
 
 class FaultKind(enum.Enum):
     """Faults, named after the physical event they stand for."""
@@ -147,6 +149,7 @@ class Site:
     metered: bool = False  # shown separately in the report (WAN bytes cost money)
     timezone: str = "UTC"
     outages: tuple[Outage, ...] = ()
+    netns: int = 0  # this many of the site's devices run behind a real shaped link (root only)
 
 
 @dataclass(frozen=True)
@@ -449,6 +452,7 @@ def parse(text: str, source: str = "<string>") -> Scenario:
     )
     expect = root.get("expect", lambda p, v: _expect(ctx, p, v, set(names), hardware), Expect())
     root.finish()
+    _check_netns(ctx, sites, fleet, faults)
     return Scenario(meta, firmware, sites, fleet, rollout, faults, expect, source)
 
 
@@ -521,11 +525,36 @@ def _site(ctx: _Ctx, path: Path, v: Any) -> Site:
         metered=t.get("metered", k["bool"], False),
         timezone=t.get("timezone", k["str"], "UTC"),
         outages=t.get("outage", outages, ()),
+        netns=t.get("netns", k["nat"], 0),
     )
     t.finish()
     if s.loss >= 0.5:
         raise ctx.fail((*path, "loss"), "a link losing half its packets carries no TCP: use < 0.5")
+    if s.netns and s.relay:
+        raise ctx.fail((*path, "netns"), "a relay site's devices stay on the modelled link")
+    if s.netns and s.outages:
+        raise ctx.fail((*path, "netns"), "outages are not applied to real links; drop one")
     return s
+
+
+def _check_netns(ctx: _Ctx, sites: tuple[Site, ...], fleet: tuple[FleetGroup, ...],
+                 faults: tuple[Fault, ...]) -> None:
+    """Real links: no more devices than the site has, at most ``MAX_NETNS_DEVICES`` in all."""
+    total = 0
+    for i, s in enumerate(sites):
+        if not s.netns:
+            continue
+        have = sum(g.count for g in fleet if g.site == s.name)
+        if s.netns > have:
+            raise ctx.fail(("site", i, "netns"), f"site {s.name!r} has only {have} devices")
+        total += s.netns
+        if total > MAX_NETNS_DEVICES:
+            raise ctx.fail(("site", i, "netns"),
+                           f"at most {MAX_NETNS_DEVICES} devices on real links in one run")
+    netns_sites = {s.name for s in sites if s.netns}
+    for i, f in enumerate(faults):
+        if f.kind is FaultKind.LINK_FLAP and f.site in netns_sites:
+            raise ctx.fail(("fault", i, "site"), "link_flap is not applied to real links")
 
 
 def _fleet(ctx: _Ctx, path: Path, v: Any, sites: set[str]) -> FleetGroup:
@@ -693,7 +722,7 @@ def to_json(s: Scenario) -> Mapping[str, Any]:
         "devices": s.device_count,
         "sites": [
             {"name": x.name, "bandwidth_bps": x.bandwidth, "latency_s": x.latency,
-             "loss": x.loss, "relay": x.relay, "metered": x.metered}
+             "loss": x.loss, "relay": x.relay, "metered": x.metered, "netns": x.netns}
             for x in s.sites
         ],
         "faults": [f.kind.value for f in s.faults],
