@@ -6,7 +6,8 @@ What it does (the README's first command; ``make demo``):
 2. starts the controller on SQLite in ``./.slotline-demo/`` with its HTTP API;
 3. builds two firmware versions (2 MiB images) and a signed delta bundle, uploads the release;
 4. enrolls 200 virtual devices at four sites; one site is a metered 512 kbit/s link behind a
-   site relay;
+   site relay: its own Mosquitto bridged to the central one and the real ``SiteRelay``, whose
+   WAN fetches are what the link carries and counts;
 5. runs the rollout ``gateway-1.1.0``: a trial group of canaries, then waves of 10 %, 50 %,
    100 %. Hardware model gw-200 fails its self-test on 1.1.0: those devices revert to 1.0.0 on
    their own, and the wave's gate pauses the rollout before the rest of the fleet gets it;
@@ -127,13 +128,19 @@ def _summary(  # noqa: PLR0917 - one caller
     ]
     for hw, row in sorted(by_hw.items()):
         lines.append(f"  {hw}: " + ", ".join(f"{v} {k}" for k, v in sorted(row.items())))
-    metered = [x for x in result.sites if x.metered]
-    for x in metered:
+    for x in result.sites:
+        if not (x.metered or x.relay):
+            continue
         ratio = x.wan_chunk_bytes / result.bundle_bytes if result.bundle_bytes else 0.0
-        lines.append(f"Metered site {x.name}: {format_bytes(x.wan_chunk_bytes)} of bundle data "
-                     f"crossed its WAN link for {x.devices} devices ({ratio:.2f}x one bundle"
-                     + (", thanks to the site relay" if x.relay else "")
-                     + f"); all traffic incl. status: {format_bytes(x.wan_bytes)}.")
+        line = (f"{'Metered site' if x.metered else 'Site'} {x.name}: "
+                f"{format_bytes(x.wan_chunk_bytes)} of bundle data crossed its WAN link "
+                f"(WAN {ratio:.1f}x bundle)")
+        if x.relay:
+            served = x.lan_bytes / result.bundle_bytes if result.bundle_bytes else 0.0
+            line += (f": its site relay fetched {x.relay_wan_chunks} chunks once and served "
+                     f"{format_bytes(x.lan_bytes)} ({served:.1f}x bundle) to the site's devices "
+                     f"over the LAN, saving {format_bytes(x.relay_saved())} of WAN")
+        lines.append(line + f"; all WAN traffic incl. status: {format_bytes(x.wan_bytes)}.")
     lines.append(f"No device bricked: {c[Outcome.BRICKED] == 0}. "
                  f"Run took {took:.0f} s on this machine.")
     for line in lines:

@@ -11,8 +11,8 @@ Rules:
   the wire when the link goes down is gone, and the sender must notice (the transport raises
   ``TransferError``) and resume.
 - Outages are absolute windows; a flapping link adds periodic windows.
-- A site relay caches chunks: the first request of a chunk crosses the WAN, later ones (even
-  concurrent ones) wait for that copy and then cost only the LAN.
+- A site relay is not modelled here: a relay site runs the real ``SiteRelay``
+  (``simulator/siterelay.py``) and only the relay's upstream fetches go through the ``Link``.
 
     link = Link(LinkProfile(bandwidth=1_000_000, latency=0.05))
     link.send(0.0, 125_000)      # -> 1.05: one second on the wire plus latency
@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 PACKET = 1448  # TCP payload per packet on a 1500-byte MTU
 MIN_RTO = 0.2  # Linux' minimum retransmission timeout
-LAN_LATENCY = 0.0005
 
 
 @dataclass(frozen=True)
@@ -50,7 +48,6 @@ class LinkProfile:
     latency: float = 0.0
     loss: float = 0.0
     outages: tuple[Window, ...] = ()
-    relay: bool = False
 
     def __post_init__(self) -> None:
         if self.bandwidth is not None and self.bandwidth <= 0:
@@ -69,12 +66,11 @@ class LinkStats:
     """Counters for the report."""
 
     wan_bytes: int = 0  # everything that crossed the site's WAN link
-    wan_chunk_bytes: int = 0  # of which bundle chunks (what a relay saves)
+    wan_chunk_bytes: int = 0  # of which bundle chunks (a relay site: the relay's fetches)
     wan_messages: int = 0
-    lan_bytes: int = 0
+    lan_bytes: int = 0  # chunks a relay served its devices over the site LAN
     dropped_messages: int = 0
     retransmits: int = 0
-    relay_hits: int = 0
 
 
 @dataclass
@@ -90,7 +86,6 @@ class Link:
         # When the wire is free for the next message; time may start negative (before the rollout).
         self._busy_until = float("-inf")
         self._outages = tuple(sorted(self.profile.outages, key=lambda w: w.start))
-        self._relay: dict[Hashable, float] = {}  # chunk key -> when the relay holds it
 
     # -- outages ----------------------------------------------------------------------------
     def up(self, t: float) -> bool:
@@ -148,29 +143,16 @@ class Link:
         self.stats.wan_messages += 1
         return arrival
 
-    def send_chunk(self, t: float, key: Hashable, nbytes: int) -> float | None:
-        """Deliver a chunk to one device at the site; through the relay's cache if it has one.
+    def send_chunk(self, t: float, nbytes: int) -> float | None:
+        """Put one bundle chunk on the WAN at ``t`` (counted apart from control traffic).
 
         Returns:
-            The arrival time at the device, or None when the link loses it.
+            The arrival time at the far end, or None when the link loses it.
         """
-        if not self.profile.relay:
-            arrival = self.send(t, nbytes)
-            if arrival is not None:
-                self.stats.wan_chunk_bytes += nbytes
-            return arrival
-        held = self._relay.get(key)
-        if held is None:
-            arrival = self.send(t, nbytes)
-            if arrival is None:
-                return None
+        arrival = self.send(t, nbytes)
+        if arrival is not None:
             self.stats.wan_chunk_bytes += nbytes
-            self._relay[key] = held = arrival
-        else:
-            self.stats.relay_hits += 1
-        # The relay serves the device over the site LAN: not limited by the WAN, nor cut by it.
-        self.stats.lan_bytes += nbytes
-        return max(t, held) + LAN_LATENCY
+        return arrival
 
     def backlog(self, t: float) -> float:
         """Seconds of traffic queued on the wire at ``t`` (for the progress view)."""

@@ -9,6 +9,10 @@ Rules:
   ``TransferError``, so the agent resumes from its first missing chunk, as after a real cut.
 - Commands arrive late, never lost (the broker holds them in the device's session).
 - ``reachable`` is false while the link is down.
+- Behind a site relay (``chunks_over_lan``) a device's chunk fetches go to the relay over the
+  site LAN, unshaped and counted as LAN bytes; its control traffic still crosses the WAN (the
+  site broker's bridge). The relay's own upstream transport is wrapped with the site's ``Link``,
+  so the WAN carries exactly what the relay fetched.
 
 Times are seconds since the run started (``RunClock.elapsed``), so one ``Link`` serves every
 device of a site on one event loop.
@@ -34,10 +38,12 @@ class LinkedTransport:
     # MQTT messages carried by every LinkedTransport of this process (report: messages/s).
     total_messages = 0
 
-    def __init__(self, inner: Transport, link: Link, elapsed: Callable[[], float]) -> None:
+    def __init__(self, inner: Transport, link: Link, elapsed: Callable[[], float], *,
+                 chunks_over_lan: bool = False) -> None:
         self.inner = inner
         self.link = link
         self._elapsed = elapsed
+        self._chunks_over_lan = chunks_over_lan
         self._started = False
 
     async def _wait_until(self, t: float) -> None:
@@ -91,13 +97,18 @@ class LinkedTransport:
         self, bundle_id: str, indices: list[int]
     ) -> AsyncIterator[tuple[int, bytes]]:
         """Chunks as the link would deliver them; an outage ends the fetch with TransferError."""
+        if self._chunks_over_lan:
+            async for index, data in self.inner.fetch_chunks(bundle_id, indices):
+                self.link.stats.lan_bytes += len(data)
+                yield index, data
+            return
         now = self._elapsed()
         if not self.link.up(now):
             raise TransferError("site link is down")
         # The request itself crosses the link first.
         await self._carry(16 * len(indices))
         async for index, data in self.inner.fetch_chunks(bundle_id, indices):
-            arrival = self.link.send_chunk(self._elapsed(), (bundle_id, index), len(data))
+            arrival = self.link.send_chunk(self._elapsed(), len(data))
             if arrival is None:
                 raise TransferError(f"site link lost chunk {index} of {bundle_id}")
             LinkedTransport.total_messages += 1

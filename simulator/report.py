@@ -46,14 +46,20 @@ class SiteResult:
     name: str
     devices: int
     wan_bytes: int = 0
-    wan_chunk_bytes: int = 0
-    lan_bytes: int = 0
+    wan_chunk_bytes: int = 0  # at a relay site: what the real relay fetched upstream
+    lan_bytes: int = 0  # chunks the relay served the site's devices (their WAN bill without it)
     wan_messages: int = 0
     dropped_messages: int = 0
     retransmits: int = 0
-    relay_hits: int = 0
+    relay_hits: int = 0  # chunks the relay served from its cache (or from a fetch in flight)
+    relay_wan_chunks: int = 0
+    relay_wan_errors: int = 0
     metered: bool = False
     relay: bool = False
+
+    def relay_saved(self) -> int:
+        """Bytes the relay kept off the WAN: served to devices minus fetched upstream."""
+        return max(0, self.lan_bytes - self.wan_chunk_bytes) if self.relay else 0
 
 
 @dataclass
@@ -216,15 +222,20 @@ def summary(result: RunResult, checks: list[Check]) -> list[Any]:
         by_hw.add_row(hw, *(str(row.get(o.value, 0)) for o in outcomes), str(sum(row.values())))
 
     sites = Table(title="Sites (bytes over each site's WAN link)", title_justify="left")
-    for col in ("site", "devices", "all traffic", "bundle chunks", "x bundle", "notes"):
+    for col in ("site", "devices", "all traffic", "bundle chunks", "vs bundle", "notes"):
         sites.add_column(col, justify="left" if col in ("site", "notes") else "right")
     for s in result.sites:
         ratio = s.wan_chunk_bytes / result.bundle_bytes if result.bundle_bytes else 0
-        notes = ", ".join(x for x in ("metered" if s.metered else "", "relay" if s.relay else "",
+        relay = ""
+        if s.relay:
+            served = s.lan_bytes / result.bundle_bytes if result.bundle_bytes else 0
+            relay = (f"relay: {s.relay_wan_chunks} WAN fetches, {s.relay_hits} cache hits, "
+                     f"{served:.1f}x bundle to devices")
+        notes = ", ".join(x for x in ("metered" if s.metered else "", relay,
                                       f"{s.dropped_messages} lost" if s.dropped_messages else "")
                           if x)
         sites.add_row(s.name, str(s.devices), format_bytes(s.wan_bytes),
-                      format_bytes(s.wan_chunk_bytes), f"{ratio:.1f}", notes)
+                      format_bytes(s.wan_chunk_bytes), f"{ratio:.1f}x", notes)
 
     promises = Table(title="Checks", title_justify="left")
     promises.add_column("")

@@ -4,6 +4,7 @@ The order (each step has a deadline; a step that cannot reach what it needs rais
 ``Unreachable`` within ``connect_timeout`` seconds, never hangs):
 
 1. broker (given or started) and the real controller (service + MQTT gateway + scheduler);
+   a relay site's own Mosquitto, bridged to that broker (``simulator/siterelay.py``);
 2. firmware: keys, trust root, the two images and their signed bundles; the release uploaded;
 3. sites and devices registered with the controller (real enrollment: token, CSR, certificate);
 4. device worker processes (``simulator/worker.py``) boot every virtual device and connect it;
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from simulator import plan, report
+from simulator import plan, report, siterelay
 from simulator.env import Broker, Controller
 from simulator.errors import SimError
 from simulator.scenario import FaultKind, Scenario
@@ -120,6 +121,7 @@ def run(scenario: Scenario, options: RunOptions, *, console: Any = None,
     broker = Broker(options.broker_url, work, options.connect_timeout)
     say("broker", f"{broker.kind} at {broker.url}")
     controller: Controller | None = None
+    site_brokers: dict[str, Any] = {}
     workers: list[Any] = []
     stop = mp.get_context("spawn").Event()
     try:
@@ -145,8 +147,13 @@ def run(scenario: Scenario, options: RunOptions, *, console: Any = None,
         firmware.register_fleet(scenario, specs, controller)
         say("fleet", f"{len(specs)} devices enrolled at {len(scenario.sites)} sites "
             f"({time.monotonic() - t_enroll:.1f} s)")
+        site_brokers.update(siterelay.start_site_brokers(
+            scenario, broker.host, broker.port, work, controller.run_tag))
+        for name, b in site_brokers.items():
+            say("relay", f"site {name}: site broker {b.url} bridged to {broker.url}, "
+                f"relay {siterelay.relay_id(name)}")
         result = _drive(scenario, options, work, broker, controller, fw, specs, workers, stop,
-                        console, on_ready)
+                        console, on_ready, {k: b.url for k, b in site_brokers.items()})
         result.wall_seconds = time.monotonic() - started
         if api:
             result.endpoints["api"] = f"{api}/docs"
@@ -158,6 +165,8 @@ def run(scenario: Scenario, options: RunOptions, *, console: Any = None,
                 w.kill()
         if controller is not None and not keep_running:
             controller.stop()
+        for b in site_brokers.values():
+            b.stop()
         broker.stop()
         devices_link = work / "devices"
         if devices_link.is_symlink():
@@ -174,7 +183,7 @@ def run(scenario: Scenario, options: RunOptions, *, console: Any = None,
 def _drive(  # noqa: PLR0917 - one call site, the steps of run()
     scenario: Scenario, options: RunOptions, work: Path, broker: Broker,
     controller: Controller, fw: Any, specs: list[plan.DeviceSpec], workers: list[Any],
-    stop: Any, console: Any, on_ready: Any,
+    stop: Any, console: Any, on_ready: Any, site_urls: dict[str, str],
 ) -> report.RunResult:
     from simulator import worker as worker_mod  # noqa: PLC0415
     from simulator.firmware import start_rollout  # noqa: PLC0415
@@ -191,6 +200,7 @@ def _drive(  # noqa: PLR0917 - one call site, the steps of run()
             index=i, scenario=scenario, devices=shard,
             faults={d.device_id: faults.get(d.device_id, []) for d in shard},
             broker_url=broker.url, work_dir=device_root / f"w{i}", firmware=fw_dev,
+            site_brokers=site_urls,
         )
         p = ctx.Process(target=worker_mod.main, args=(cfg, inbox, stop, t0_shared),
                         name=f"sim-worker-{i}", daemon=True)
@@ -283,6 +293,8 @@ def _drive(  # noqa: PLR0917 - one call site, the steps of run()
             lan_bytes=st.get("lan_bytes", 0),
             wan_messages=st.get("wan_messages", 0), dropped_messages=st.get("dropped_messages", 0),
             retransmits=st.get("retransmits", 0), relay_hits=st.get("relay_hits", 0),
+            relay_wan_chunks=st.get("relay_wan_chunks", 0),
+            relay_wan_errors=st.get("relay_wan_errors", 0),
             metered=s.metered, relay=s.relay))
     own_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return report.RunResult(

@@ -5,7 +5,9 @@ A virtual device is the real agent (``agent.runtime.Agent``) with:
   is never written, so sharing it is safe and costs no disk), slot B a sparse file;
 - the U-Boot redundant env in a file and the agent's ``SimBootloader`` deciding what boots;
 - its journal in a file (``FileJournal``);
-- the agent's MQTT transport, seen through its site's ``Link`` (``LinkedTransport``);
+- the agent's MQTT transport, seen through its site's ``Link`` (``LinkedTransport``); at a relay
+  site it connects to the site broker and fetches chunks from the site's real ``SiteRelay``,
+  which this worker runs on the same loop (``simulator/siterelay.py``);
 - the agent's ``SelfTestRunner`` with a ``file`` check (present unless the scenario makes the
   booted version fail on this hardware), a ``command`` check that hangs for a hang fault, and
   the ``controller`` reachability check.
@@ -29,13 +31,17 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from simulator import siterelay
 from simulator.firmware import DeviceFirmware
 from simulator.link import Link, LinkProfile, Window
 from simulator.plan import DeviceSpec
 from simulator.report import DeviceResult
 from simulator.scenario import Fault, FaultKind, Outcome, Scenario
+
+if TYPE_CHECKING:
+    from agent.transport.relay import SiteRelay
 
 PROGRESS_EVERY = 0.5
 BOOT_DELAY = 0.05  # seconds a virtual boot takes (keeps reboot loops visible, not busy)
@@ -52,16 +58,19 @@ class WorkerConfig:
     broker_url: str
     work_dir: Path
     firmware: DeviceFirmware
+    site_brokers: dict[str, str] = field(default_factory=dict)  # relay site -> its broker URL
 
 
 def shard_by_site(scenario: Scenario, specs: Sequence[DeviceSpec],
                   n: int) -> list[list[DeviceSpec]]:
-    """Split devices over ``n`` workers; a bandwidth-limited site stays in one worker.
+    """Split devices over ``n`` workers; a bandwidth-limited or relay site stays in one worker.
 
-    A site's link is one queue; split over processes it would carry more than its bandwidth.
+    A site's link is one queue; split over processes it would carry more than its bandwidth. A
+    relay site has one relay, run by the worker of its devices.
     """
     shards: list[list[DeviceSpec]] = [[] for _ in range(n)]
-    limited = {s.name for s in scenario.sites if s.bandwidth is not None or s.outages}
+    limited = {s.name for s in scenario.sites
+               if s.bandwidth is not None or s.outages or s.relay}
     flap = {f.site for f in scenario.faults if f.kind is FaultKind.LINK_FLAP}
     whole = limited | flap
     for site in sorted(whole, key=lambda s: -sum(1 for d in specs if d.site == s)):
@@ -148,6 +157,7 @@ class VirtualDevice:
     link: Link
     elapsed: Any
     seed: int
+    behind_relay: bool = False  # chunks from the site relay over the LAN
     stats: _DeviceStats = field(default_factory=_DeviceStats)
     agent: Any = None
     transport: Any = None
@@ -275,7 +285,8 @@ class VirtualDevice:
                                          keepalive=30, backoff_initial=0.2, backoff_max=2.0,
                                          session_expiry=600)
         inner = MqttTransport(self.spec.device_id, settings, clock=clock, request_timeout=5.0)
-        transport = LinkedTransport(inner, self.link, self.elapsed)
+        transport = LinkedTransport(inner, self.link, self.elapsed,
+                                    chunks_over_lan=self.behind_relay)
         fs = self.fs
         media: Any = fs
         full = next((f for f in self.faults if f.kind is FaultKind.DISK_FULL), None)
@@ -439,7 +450,7 @@ def _links(scenario: Scenario, seed: int) -> dict[str, Link]:
             if f.kind is FaultKind.LINK_FLAP and f.site == s.name:
                 windows.extend(LinkProfile.flapping(f.at, f.period, f.duration, f.times))
         out[s.name] = Link(LinkProfile(bandwidth=s.bandwidth, latency=s.latency, loss=s.loss,
-                                       outages=tuple(windows), relay=s.relay), seed=seed * 31 + i)
+                                       outages=tuple(windows)), seed=seed * 31 + i)
     return out
 
 
@@ -466,11 +477,19 @@ async def _main(cfg: WorkerConfig, outbox: Any, stop: Any, t0: Any) -> None:
     def elapsed() -> float:
         return time.time() - float(t0.value)
 
+    # The real relay of each relay site of this shard, before its devices ask it for chunks.
+    relays: dict[str, SiteRelay] = {}
+    for site in sorted({d.site for d in cfg.devices} & set(cfg.site_brokers)):
+        relays[site] = await siterelay.start_relay(
+            site, site_url=cfg.site_brokers[site], central_url=cfg.broker_url, link=links[site],
+            elapsed=elapsed, cache_dir=cfg.work_dir / f"relay-{site}")
     devices = [
         VirtualDevice(spec=d, faults=cfg.faults.get(d.device_id, []),
                       directory=cfg.work_dir / d.device_id, fw=cfg.firmware,
-                      broker_url=cfg.broker_url, link=links[d.site], elapsed=elapsed,
-                      seed=cfg.scenario.meta.seed * 1_000_003 + d.index)
+                      broker_url=cfg.site_brokers.get(d.site, cfg.broker_url),
+                      link=links[d.site], elapsed=elapsed,
+                      seed=cfg.scenario.meta.seed * 1_000_003 + d.index,
+                      behind_relay=d.site in relays)
         for d in cfg.devices
     ]
     for d in devices:
@@ -491,24 +510,30 @@ async def _main(cfg: WorkerConfig, outbox: Any, stop: Any, t0: Any) -> None:
         await asyncio.sleep(0.5)
         phases = Counter(d.current_phase() if d.transport is not None else "booting"
                          for d in devices)
-        outbox.put(("progress", cfg.index, dict(phases), 0, _site_stats(links), 0, _rss()))
+        outbox.put(("progress", cfg.index, dict(phases), 0, _site_stats(links, relays), 0,
+                    _rss()))
     outbox.put(("ready", cfg.index))
     while not stop.is_set():
         await asyncio.sleep(PROGRESS_EVERY)
         phases = Counter(d.current_phase() for d in devices)
         busy = sum(1 for d in devices if d.busy())
-        outbox.put(("progress", cfg.index, dict(phases), busy, _site_stats(links),
+        outbox.put(("progress", cfg.index, dict(phases), busy, _site_stats(links, relays),
                     _messages(devices), _rss()))
     for d in devices:
         d.stop()
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+    await siterelay.stop_relays(relays)
     results = [d.result() for d in devices]
-    outbox.put(("result", cfg.index, results, _site_stats(links), _messages(devices), _rss()))
+    outbox.put(("result", cfg.index, results, _site_stats(links, relays), _messages(devices),
+                _rss()))
 
 
-def _site_stats(links: dict[str, Link]) -> dict[str, dict[str, int]]:
-    return {name: asdict(link.stats) for name, link in links.items()}
+def _site_stats(links: dict[str, Link], relays: dict[str, SiteRelay]) -> dict[str, dict[str, int]]:
+    out = {name: asdict(link.stats) for name, link in links.items()}
+    for site, figures in siterelay.relay_stats(relays).items():
+        out[site].update(figures)
+    return out
 
 
 def _messages(devices: Sequence[VirtualDevice]) -> int:

@@ -15,6 +15,7 @@ Rules:
 * The cache is the bundles library's ``ChunkStore`` (content-addressed, re-verified on read)
   plus an index ``(bundle, index) -> sha256``; a power cut leaves no torn chunk or index.
 * The WAN fetch is paced by the site's link profile (token bucket, time-of-day windows).
+  ``wan=`` wraps the upstream transport (the fleet simulator puts its site link model there).
 
     relay = SiteRelay("plant-7", local=MqttSettings(...), upstream=MqttSettings(...),
                       cache_dir=Path("/var/lib/slotline/relay"))
@@ -26,11 +27,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.adapters.mqtt import MqttTransport, SystemClock
-from agent.ports import Clock
+from agent.ports import Clock, Transport
 from agent.transport.aioclient import AsyncMqttClient, MqttSettings
 from agent.transport.serving import ChunkServer, ServingLimits
 from firmware_bundles import protocol as wire
@@ -102,6 +104,7 @@ class SiteRelay:
         clock: Clock | None = None,
         limits: ServingLimits | None = None,
         upstream_window: int = 8,
+        wan: Callable[[MqttTransport], Transport] | None = None,
     ) -> None:
         self.site = site
         self.clock: Clock = clock or SystemClock()
@@ -115,6 +118,8 @@ class SiteRelay:
             profile=wan_profile,
             window=upstream_window,
         )
+        # What chunk fetches go through: the upstream client, or a wrapper that shapes it.
+        self._wan: Transport = wan(self.upstream) if wan is not None else self.upstream
         self.local = AsyncMqttClient(local, on_message=self._on_local, on_connect=self._on_connect)
         self.server = ChunkServer(
             self.local, self._resolve, site_of=lambda _d: None, clock=self.clock, limits=limits
@@ -124,7 +129,7 @@ class SiteRelay:
 
     async def start(self) -> None:
         """Connect both sides and start serving."""
-        await self.upstream.start()
+        await self._wan.start()
         await self.local.start()
         self.server.start()
 
@@ -132,7 +137,7 @@ class SiteRelay:
         """Stop serving and disconnect both sides."""
         await self.server.stop()
         await self.local.stop()
-        await self.upstream.stop()
+        await self._wan.stop()
 
     def _on_connect(self, session_present: bool) -> None:
         del session_present
@@ -178,7 +183,7 @@ class SiteRelay:
 
     async def _fetch_upstream(self, bundle_id: str, index: int) -> bytes | None:
         try:
-            async for got, data in self.upstream.fetch_chunks(bundle_id, [index]):
+            async for got, data in self._wan.fetch_chunks(bundle_id, [index]):
                 if got == index:
                     self.cache.put(bundle_id, index, data)
                     self.stats.wan_chunks += 1
