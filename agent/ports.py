@@ -10,10 +10,11 @@ because thousands of simulated devices share one event loop.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from agent.core.states import BootSlot
+from agent.core.states import AgentState, BootSlot, Release
 
 
 class Clock(Protocol):
@@ -99,9 +100,7 @@ class Transport(Protocol):
         """Publish one event (phase transition, error with its stable code, health metrics)."""
         ...
 
-    def fetch_chunks(
-        self, bundle_id: str, indices: list[int]
-    ) -> AsyncIterator[tuple[int, bytes]]:
+    def fetch_chunks(self, bundle_id: str, indices: list[int]) -> AsyncIterator[tuple[int, bytes]]:
         """Request chunks and yield ``(index, bytes)`` as they arrive, paced by the throttle.
 
         Order of arrival is not guaranteed; the caller verifies each chunk against the signed
@@ -113,3 +112,35 @@ class Transport(Protocol):
     async def reachable(self, timeout: float) -> bool:
         """Whether the controller answers within ``timeout`` seconds (a self-test check)."""
         ...
+
+
+class ChunkSource(Protocol):
+    """Where chunk bytes come from: the transport, a local .slb file, memory."""
+
+    def fetch(self, start: int, count: int) -> AsyncIterator[tuple[int, bytes]]:
+        """Yield ``(index, data)`` for ``start..count-1`` (any order; the runtime reorders)."""
+        ...
+
+
+class CommandVerifier(Protocol):
+    """Turns a raw signed command into an agent-level request (``agent/verify.py``).
+
+    In-process verifiers return the command; the daemon's (``agent/verify_child.py``) returns
+    an awaitable, because it waits for a child process without blocking the loop.
+    """
+
+    def verify(
+        self, raw: bytes, state: AgentState, now: float
+    ) -> VerifiedCommand | Awaitable[VerifiedCommand]:
+        """Check signature, device, counter, expiry and the manifest; raise ``BundleError``."""
+        ...
+
+
+@dataclass(frozen=True)
+class VerifiedCommand:
+    """A command that passed every check."""
+
+    action: str  # install | cancel | rollback | config
+    counter: int
+    release: Release | None = None
+    source: ChunkSource | None = None

@@ -94,7 +94,15 @@ from agent.core.states import (
 )
 from agent.errors import ActiveSlotWrite, AgentError, BootEnvError, JournalError
 from agent.journal import decode, encode
-from agent.ports import BootEnv, Clock, SlotStore, StateStore, Transport
+from agent.ports import (
+    BootEnv,
+    ChunkSource,
+    Clock,
+    CommandVerifier,
+    SlotStore,
+    StateStore,
+    Transport,
+)
 from firmware_bundles.errors import BundleError, TransferError
 
 if TYPE_CHECKING:
@@ -111,14 +119,6 @@ class Power(Protocol):
 
     async def reboot(self) -> None:
         """Ask for a reboot; may return before it happens."""
-        ...
-
-
-class ChunkSource(Protocol):
-    """Where chunk bytes come from: the transport, a local .slb file, memory."""
-
-    def fetch(self, start: int, count: int) -> AsyncIterator[tuple[int, bytes]]:
-        """Yield ``(index, data)`` for ``start..count-1`` (any order; the runtime reorders)."""
         ...
 
 
@@ -140,30 +140,6 @@ class Migrations(Protocol):
     async def undo(self, from_version: str | None, to_version: str) -> None:
         """Undo (idempotent); raise ``AgentError`` on failure."""
         ...
-
-
-class CommandVerifier(Protocol):
-    """Turns a raw signed command into an agent-level request (``agent/verify.py``).
-
-    In-process verifiers return the command; the daemon's (``agent/verify_child.py``) returns
-    an awaitable, because it waits for a child process without blocking the loop.
-    """
-
-    def verify(
-        self, raw: bytes, state: AgentState, now: float
-    ) -> VerifiedCommand | Awaitable[VerifiedCommand]:
-        """Check signature, device, counter, expiry and the manifest; raise ``BundleError``."""
-        ...
-
-
-@dataclass(frozen=True)
-class VerifiedCommand:
-    """A command that passed every check."""
-
-    action: str  # install | cancel | rollback | config
-    counter: int
-    release: Release | None = None
-    source: ChunkSource | None = None
 
 
 class AgentHalted(AgentError):

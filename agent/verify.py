@@ -14,12 +14,11 @@ Rules:
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from agent.core.states import AgentState, ChunkSpec, PayloadKind, Release
-from agent.runtime import VerifiedCommand
+from agent.ports import VerifiedCommand
 from firmware_bundles.bundle import OpenBundle, VerifiedRelease, open_bundle, verify_install
 from firmware_bundles.commands import Action, verify_command
 from firmware_bundles.trust import TrustStore
@@ -119,6 +118,8 @@ class SlbSource:
 
     async def fetch(self, start: int, count: int) -> AsyncIterator[tuple[int, bytes]]:
         """Yield ``(index, bytes)`` from ``start``."""
+        import asyncio  # noqa: PLC0415 - keeps asyncio out of the command-verifier child
+
         bundle = await asyncio.to_thread(self._open)
         try:
             it = bundle.chunks()

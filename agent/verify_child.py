@@ -24,7 +24,6 @@ Rules:
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import sys
@@ -33,7 +32,7 @@ from typing import Any
 
 from agent.core.states import AgentState, ChunkSpec, PayloadKind, Release
 from agent.errors import AgentError, VerifierFailed
-from agent.runtime import VerifiedCommand
+from agent.ports import VerifiedCommand
 
 DEFAULT_TIMEOUT = 60.0  # seconds: a slow board's interpreter start plus one verification
 ACTIONS = ("install", "cancel", "rollback", "config")
@@ -69,6 +68,8 @@ class ChildVerifier:
             AgentError: the child refused the command (its code: ``bundle.*``,
                 ``command.rejected``...) or failed (``agent.verifier_failed``).
         """
+        import asyncio  # noqa: PLC0415 - loaded in the daemon already; the child never needs it
+
         request = encode_request(
             trust_root=self._root,
             raw=raw,
