@@ -37,6 +37,7 @@ class DeviceResult:
     boots: int = 0
     power_cuts: int = 0
     finished_at: float | None = None  # run seconds when it reached its final state
+    link: str = "model"  # "netns": behind a real shaped link (simulator/netns_site.py)
 
 
 @dataclass
@@ -82,6 +83,7 @@ class RunResult:
     endpoints: dict[str, str] = field(default_factory=dict)  # broker, controller, dashboard
     timeline: list[dict[str, Any]] = field(default_factory=list)  # rollout decisions, faults
     notes: list[str] = field(default_factory=list)
+    real_links: list[dict[str, Any]] = field(default_factory=list)  # netns links, measured
 
 
 @dataclass(frozen=True)
@@ -186,6 +188,7 @@ def to_json(result: RunResult, checks: list[Check]) -> dict[str, Any]:
         "endpoints": result.endpoints,
         "timeline": result.timeline,
         "notes": result.notes,
+        "real_links": result.real_links,
         "devices": [
             {**asdict(d), "outcome": d.outcome.value, "tags": list(d.tags),
              "faults": list(d.faults)}
@@ -243,4 +246,24 @@ def summary(result: RunResult, checks: list[Check]) -> list[Any]:
     promises.add_column("measured")
     for x in checks:
         promises.add_row("[green]ok[/]" if x.ok else "[red]FAIL[/]", x.name, x.detail)
+    if result.real_links:
+        return [by_hw, sites, _real_links(result.real_links), promises]
     return [by_hw, sites, promises]
+
+
+def _real_links(links: list[dict[str, Any]]) -> Any:
+    from rich.table import Table  # noqa: PLC0415
+
+    table = Table(title="Real links (network namespaces, tc)", title_justify="left")
+    left = ("site", "shaped", "latency by")
+    for col in ("site", "devices", "shaped", "latency by", "down", "up", "busy", "measured"):
+        table.add_column(col, justify="left" if col in left else "right")
+    for x in links:
+        rate = f"{x['rate_bps'] / 1e6:g} Mbit/s" if x["rate_bps"] else "unlimited"
+        shaped = f"{rate}, {x['latency_s'] * 1000:g} ms, {x['loss'] * 100:g} % loss"
+        measured = (f"{x['measured_bps'] / 1e6:.2f} Mbit/s" if x["measured_bps"] else "-") + (
+            f" ({x['measured_vs_rate']:.2f}x)" if x["measured_vs_rate"] else "")
+        table.add_row(x["site"], str(len(x["devices"])), shaped, x["latency_by"] or "-",
+                      format_bytes(x["downlink_bytes"]), format_bytes(x["uplink_bytes"]),
+                      f"{x['busy_seconds']:g} s", measured)
+    return table

@@ -18,6 +18,7 @@ The order (each step has a deadline; a step that cannot reach what it needs rais
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import multiprocessing as mp
 import queue
 import resource
@@ -53,6 +54,7 @@ class RunOptions:
     api_port: int | None = None  # serve the controller's HTTP API on this port during the run
     narrate: Callable[[str, str], None] | None = None  # (step, detail) as the run goes
     measure_broker: Callable[[str], float] | None = None  # bench: raw rate, same broker
+    real_links: Any = None  # set by run(): the scenario's netns links (simulator/netns_site.py)
 
 
 @dataclass
@@ -108,6 +110,11 @@ def run(scenario: Scenario, options: RunOptions, *, console: Any = None,
         Unreachable: the broker or the controller did not answer in time.
         SimError: a worker failed to start its devices.
     """
+    from simulator.netns_site import RealLinks  # noqa: PLC0415 - only runs with netns use it
+
+    # Before anything is made: a run that needs root and tc says so at once.
+    real = RealLinks.prepare(scenario)
+    options = dataclasses.replace(options, real_links=real)
     own_dir = options.work_dir is None
     work = Path(tempfile.mkdtemp(prefix="slotline-sim-")) if options.work_dir is None else Path(
         options.work_dir)
@@ -175,6 +182,11 @@ def run(scenario: Scenario, options: RunOptions, *, console: Any = None,
             devices_link.unlink()
         if own_dir:
             shutil.rmtree(work, ignore_errors=True)
+        if real is not None:
+            real.close()
+    if real is not None:
+        result.devices = real.mark(result.devices)
+        result.real_links = real.report()
     checks = report.check(result)
     report.write(report_path, report.to_json(result, checks))
     return result, checks, report_path
@@ -192,7 +204,10 @@ def _drive(  # noqa: PLR0917 - one call site, the steps of run()
     inbox: Any = ctx.Queue()
     device_root, fw_dev = _device_root(work, fw.for_devices(), len(specs))
     faults = plan.assign_faults(scenario, specs)
-    shards = worker_mod.shard_by_site(scenario, specs, options.processes)
+    real = options.real_links
+    on_real = real.device_ids_of(specs) if real is not None else set()
+    shards = worker_mod.shard_by_site(scenario, [d for d in specs if d.device_id not in on_real],
+                                      options.processes)
     t0 = time.time() + 3600.0  # replaced once the rollout starts; links idle until then
     t0_shared = ctx.Value("d", t0)
     for i, shard in enumerate(shards):
@@ -206,6 +221,12 @@ def _drive(  # noqa: PLR0917 - one call site, the steps of run()
                         name=f"sim-worker-{i}", daemon=True)
         p.start()
         workers.append(p)
+    if real is not None:
+        real.start(specs, broker.host, broker.port)
+        (options.narrate or (lambda _s, _d: None))("real links", real.describe())
+        workers.extend(real.spawn(ctx, first_index=len(workers), scenario=scenario,
+                                  faults=faults, device_root=device_root, firmware=fw_dev,
+                                  channels=(inbox, stop, t0_shared)))
     live = _Live()
     boot_started = time.monotonic()
     deadline = boot_started + 60 + len(specs) * 0.05 + options.connect_timeout
