@@ -145,7 +145,7 @@ class Site:
     bandwidth: int | None = None  # bit/s of the site's WAN link; None = not limiting
     latency: float = 0.0  # one-way seconds
     loss: float = 0.0  # packet loss probability (costs a TCP retransmit, not a message)
-    relay: bool = False  # a site relay: each chunk crosses the WAN once
+    relay: bool = False  # the real site relay runs at this site (simulator/siterelay.py)
     metered: bool = False  # shown separately in the report (WAN bytes cost money)
     timezone: str = "UTC"
     outages: tuple[Outage, ...] = ()
