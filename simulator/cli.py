@@ -64,6 +64,16 @@ def check_cmd(scenarios: tuple[str, ...]) -> None:
     sys.exit(EXIT_INVALID if bad else 0)
 
 
+def _site_counts(_ctx: object, _param: object, values: tuple[str, ...]) -> list[tuple[str, int]]:
+    out = []
+    for v in values:
+        site, _, n = v.partition("=")
+        if not site or not n.isdigit():
+            raise click.BadParameter(f"expected SITE=N (e.g. field=4), got {v!r}")
+        out.append((site, int(n)))
+    return out
+
+
 @sim.command("run")
 @click.argument("scenario_file", metavar="SCENARIO")
 @click.option("--report", "report_path", type=click.Path(path_type=Path),
@@ -80,10 +90,13 @@ def check_cmd(scenarios: tuple[str, ...]) -> None:
 @click.option("--connect-timeout", type=float, default=5.0, show_default=True,
               help="Seconds to wait for the broker and the controller before giving up.")
 @click.option("--no-progress", is_flag=True, help="No live view (for logs and CI).")
+@click.option("--netns", "netns", multiple=True, metavar="SITE=N", callback=_site_counts,
+              help="Run N of SITE's devices behind a real shaped link (network namespace and "
+              "tc; root). Repeatable; overrides the site's netns field.")
 def run_cmd(  # noqa: PLR0917 - click passes options positionally
     scenario_file: str, report_path: Path | None, broker: str | None, database: str | None,
     processes: int, devices: int | None, work_dir: Path | None, connect_timeout: float,
-    no_progress: bool,
+    no_progress: bool, netns: tuple[tuple[str, int], ...],
 ) -> None:
     """Run SCENARIO (a .toml path or a shipped scenario's name) and check its expectations."""
     from simulator import scenario  # noqa: PLC0415
@@ -97,6 +110,12 @@ def run_cmd(  # noqa: PLR0917 - click passes options positionally
         sys.exit(EXIT_INVALID)
     if devices is not None:
         s = s.scaled(devices)
+    for site, count in netns:
+        try:
+            s = scenario.with_netns(s, site, count)
+        except ScenarioInvalid as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(EXIT_INVALID)
     options = RunOptions(
         broker_url=broker, database_url=database, processes=processes, work_dir=work_dir,
         report_path=report_path, connect_timeout=connect_timeout, progress=not no_progress,

@@ -255,15 +255,14 @@ def _real_links(links: list[dict[str, Any]]) -> Any:
     from rich.table import Table  # noqa: PLC0415
 
     table = Table(title="Real links (network namespaces, tc)", title_justify="left")
-    left = ("site", "shaped", "latency by")
-    for col in ("site", "devices", "shaped", "latency by", "down", "up", "busy", "measured"):
-        table.add_column(col, justify="left" if col in left else "right")
+    for col in ("site", "dev", "link (delay by)", "down", "busy", "measured"):
+        table.add_column(col, justify="left" if col in ("site", "link (delay by)") else "right")
     for x in links:
-        rate = f"{x['rate_bps'] / 1e6:g} Mbit/s" if x["rate_bps"] else "unlimited"
-        shaped = f"{rate}, {x['latency_s'] * 1000:g} ms, {x['loss'] * 100:g} % loss"
-        measured = (f"{x['measured_bps'] / 1e6:.2f} Mbit/s" if x["measured_bps"] else "-") + (
-            f" ({x['measured_vs_rate']:.2f}x)" if x["measured_vs_rate"] else "")
-        table.add_row(x["site"], str(len(x["devices"])), shaped, x["latency_by"] or "-",
-                      format_bytes(x["downlink_bytes"]), format_bytes(x["uplink_bytes"]),
-                      f"{x['busy_seconds']:g} s", measured)
+        rate = f"{x['rate_bps'] / 1e6:g}Mbit/s" if x["rate_bps"] else "no limit"
+        delay = f"{x['latency_s'] * 1000:g}ms" + (f" ({x['latency_by']})" if x["latency_by"]
+                                                  else "")
+        measured = (f"{x['measured_bps'] / 1e6:.2f}Mbit/s" if x["measured_bps"] else "-") + (
+            f" {x['measured_vs_rate']:.2f}x" if x["measured_vs_rate"] else "")
+        table.add_row(x["site"], str(len(x["devices"])), f"{rate} {delay} {x['loss'] * 100:g}%",
+                      format_bytes(x["downlink_bytes"]), f"{x['busy_seconds']:g}s", measured)
     return table

@@ -34,7 +34,7 @@ from __future__ import annotations
 import enum
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path as FsPath
 from typing import Any, TypeVar
 
@@ -530,11 +530,34 @@ def _site(ctx: _Ctx, path: Path, v: Any) -> Site:
     t.finish()
     if s.loss >= 0.5:
         raise ctx.fail((*path, "loss"), "a link losing half its packets carries no TCP: use < 0.5")
+    _check_site_netns(ctx, path, s)
+    return s
+
+
+def _check_site_netns(ctx: _Ctx, path: Path, s: Site) -> None:
     if s.netns and s.relay:
-        raise ctx.fail((*path, "netns"), "a relay site's devices stay on the modelled link")
+        raise ctx.fail((*path, "netns"), "real links and a site relay do not combine yet")
     if s.netns and s.outages:
         raise ctx.fail((*path, "netns"), "outages are not applied to real links; drop one")
-    return s
+
+
+def with_netns(s: Scenario, site: str, count: int, source: str = "--netns") -> Scenario:
+    """``s`` with ``count`` of ``site``'s devices on a real link (``sim run --netns SITE=N``).
+
+    Raises:
+        ScenarioInvalid: no such site, or the count breaks a rule of ``[[site]] netns``.
+    """
+    ctx = _Ctx(source, "")
+    names = [x.name for x in s.sites]
+    if site not in names:
+        raise ctx.fail((), f"unknown site {site!r} (sites: {', '.join(names)})")
+    if count < 0:
+        raise ctx.fail((), f"must be >= 0, got {count}")
+    i = names.index(site)
+    sites = tuple(replace(x, netns=count) if x.name == site else x for x in s.sites)
+    _check_site_netns(ctx, ("site", i), sites[i])
+    _check_netns(ctx, sites, s.fleet, s.faults)
+    return replace(s, sites=sites)
 
 
 def _check_netns(ctx: _Ctx, sites: tuple[Site, ...], fleet: tuple[FleetGroup, ...],
