@@ -288,3 +288,18 @@ def test_sigterm_mid_run_removes_the_real_links(tmp_path: Path) -> None:
             proc.wait(10)
     assert proc.returncode != 0
     assert not _ours(proc.pid)
+
+
+def test_cli_netns_override_is_validated_like_the_field(tmp_path: Path) -> None:
+    for arg, expected in (("nowhere=2", "--netns: unknown site 'nowhere'"),
+                          ("plant=11", "site 'plant' has only 10 devices"),
+                          ("plant", "expected SITE=N")):
+        out = subprocess.run([*SLOTLINE, "sim", "run", "smoke", "--netns", arg, "--no-progress"],
+                             capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path)
+        assert out.returncode == 2, (arg, out.stderr)
+        assert expected in out.stderr, (arg, out.stderr)
+
+
+def test_with_netns_sets_the_count_of_one_site() -> None:
+    s = scenario.with_netns(scenario.load(SCENARIO), "plant", 2)
+    assert {x.name: x.netns for x in s.sites} == {"field": 4, "plant": 2}
