@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,10 +21,12 @@ import numpy as np
 from firmware_bundles.codec.chunk import MAX_CHUNK_OUT, Tag, planes, zigzag
 from firmware_bundles.codec.matcher import Covers
 from firmware_bundles.codec.streams import (
+    STRONG_GAIN_BOUND,
     StreamOptions,
     ZstdCompressor,
     encode_prefixed,
     encode_stream,
+    lzma_variants,
     put_uvarint,
 )
 
@@ -51,9 +53,17 @@ class RawChunk:
     out_size: int
 
 
-def full_chunk(raw: bytes) -> bytes:
-    """A FULL chunk of ``raw``."""
-    return bytes((Tag.FULL,)) + encode_stream(raw, FULL_OPTIONS)
+def full_chunk(raw: bytes, to_beat: int | None = None) -> bytes | None:
+    """A FULL chunk of ``raw``; ``None`` where it could not be smaller than ``to_beat`` bytes.
+
+    The full-strength coding costs seconds per chunk; a preset-1 trial (which also picks BCJ
+    or not) bounds what it can reach (``STRONG_GAIN_BOUND``), so it is skipped where even that
+    bound loses, e.g. where a prefix chunk already found most of the chunk in the base.
+    """
+    variants, trial = lzma_variants(raw, FULL_OPTIONS)
+    if to_beat is not None and trial >= 0 and trial * STRONG_GAIN_BOUND >= to_beat:
+        return None
+    return bytes((Tag.FULL,)) + encode_stream(raw, FULL_OPTIONS, variants)
 
 
 def prefix_chunk(old: bytes, covers: Covers, c0: int, c1: int, raw: bytes) -> bytes:
@@ -109,8 +119,12 @@ def _windows(old_pos: np.ndarray, length: np.ndarray, budget: int) -> tuple[np.n
 
 
 def patch_chunk(old: np.ndarray, new: np.ndarray, c0: int, c1: int,
-                covers: Covers) -> bytes:
-    """A PATCH chunk for ``new[c0:c1]`` from the covers that fall in it (clipped)."""
+                covers: Covers, *, aux: Executor | None = None) -> bytes:
+    """A PATCH chunk for ``new[c0:c1]`` from the covers that fall in it (clipped).
+
+    With ``aux``, the literal and cover streams are coded there while this thread codes the
+    diff (the compressors release the GIL), so one chunk can use two cores.
+    """
     o, n, ln = covers.old_pos, covers.new_pos, covers.length
     lo = int(np.searchsorted(n + ln, c0, side="right"))
     hi = int(np.searchsorted(n, c1, side="left"))
@@ -145,6 +159,16 @@ def patch_chunk(old: np.ndarray, new: np.ndarray, c0: int, c1: int,
     mask[idx_new] = False
     lit = chunk[mask].tobytes()
     wgap = wstart - np.concatenate(([0], (wstart + wlen)[:-1]))
+
+    def side_streams() -> bytes:
+        return b"".join((
+            encode_stream(planes(wgap, 8) + planes(wlen, 4), CTRL_OPTIONS),
+            encode_stream(planes(gaps, 4) + planes(ln, 4) + planes(zigzag(wdelta), 4),
+                          CTRL_OPTIONS),
+        ))
+
+    side = aux.submit(side_streams) if aux is not None else None
+    lit_future = aux.submit(encode_stream, lit, LIT_OPTIONS) if aux is not None else None
     # Two codings of the diff, the smaller wins: fine runs (every zero run split out: best
     # when changes are sparse) and coarse runs (only long zero runs split out: the coder then
     # sees the spacing of changes, e.g. pointer tables, in context). Each costs up to seconds
@@ -171,11 +195,9 @@ def patch_chunk(old: np.ndarray, new: np.ndarray, c0: int, c1: int,
     put_uvarint(head, best[0])
     return b"".join((
         bytes(head),
-        encode_stream(planes(wgap, 8) + planes(wlen, 4), CTRL_OPTIONS),
-        encode_stream(planes(gaps, 4) + planes(ln, 4) + planes(zigzag(wdelta), 4),
-                      CTRL_OPTIONS),
+        side.result() if side is not None else side_streams(),
         best[1],
-        encode_stream(lit, LIT_OPTIONS),
+        lit_future.result() if lit_future is not None else encode_stream(lit, LIT_OPTIONS),
     ))
 
 
@@ -230,7 +252,9 @@ def iter_full(data: bytes, chunk_out_size: int) -> Iterator[RawChunk]:
     _check_chunk_size(chunk_out_size)
     for c0 in range(0, len(data), chunk_out_size):
         raw = data[c0:c0 + chunk_out_size]
-        yield RawChunk(full_chunk(raw), len(raw))
+        chunk = full_chunk(raw)
+        assert chunk is not None  # no bound given, so always coded
+        yield RawChunk(chunk, len(raw))
 
 
 def iter_delta(old: bytes, new: bytes, covers: Covers, chunk_out_size: int,
@@ -244,23 +268,36 @@ def iter_delta(old: bytes, new: bytes, covers: Covers, chunk_out_size: int,
     old_arr = np.frombuffer(old, np.uint8)
     new_arr = np.frombuffer(new, np.uint8)
 
+    starts = list(range(0, len(new), chunk_out_size))
+    n_workers = workers or min(4, os.cpu_count() or 1)
+    # With fewer chunks than workers a core would idle: the prefix candidate (which needs
+    # no patch) is then started beside the patch instead of after it, even where the patch
+    # will turn out good enough not to need it.
+    speculate = len(starts) < n_workers
+
     def one(c0: int) -> RawChunk:
         c1 = min(len(new), c0 + chunk_out_size)
-        patch = patch_chunk(old_arr, new_arr, c0, c1, covers)
         raw = new[c0:c1]
+        early = aux.submit(prefix_chunk, old, covers, c0, c1, raw) if speculate else None
+        patch = patch_chunk(old_arr, new_arr, c0, c1, covers, aux=aux)
         # The strong full and prefix codings cost seconds per chunk; a level-3 zstd estimate
         # tells when they cannot win (strong coders gain well under 2x over level 3; a patch
         # that small leaves a prefix coding little to find).
         estimate = len(quick_estimate(raw))
         candidates = [patch] if patch else []
         if not patch or len(patch) * 2 > estimate:
-            candidates.append(prefix_chunk(old, covers, c0, c1, raw))
-            candidates.append(full_chunk(raw))
+            candidates.append(early.result() if early is not None
+                              else prefix_chunk(old, covers, c0, c1, raw))
+            full = full_chunk(raw, min(len(c) for c in candidates))
+            if full is not None:
+                candidates.append(full)
+        elif early is not None:
+            early.cancel()
         return RawChunk(min(candidates, key=len), c1 - c0)
 
-    starts = list(range(0, len(new), chunk_out_size))
-    n_workers = workers or min(4, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=n_workers) as pool:
+    # Chunk workers plus as many helpers for their side streams (see patch_chunk).
+    with ThreadPoolExecutor(max_workers=n_workers) as pool, \
+            ThreadPoolExecutor(max_workers=n_workers) as aux:
         pending: deque[Future[RawChunk]] = deque()
         for c0 in starts:
             pending.append(pool.submit(one, c0))
