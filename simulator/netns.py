@@ -36,7 +36,7 @@ from pathlib import Path
 from simulator.errors import SimError
 
 PREFIX = "slts"  # every namespace and interface the simulator makes starts with this
-SUBNET = ipaddress.ip_network("10.213.0.0/16")  # /30 links are carved from here
+SUBNET = ipaddress.IPv4Network("10.213.0.0/16")  # /30 links are carved from here
 _OWNED = re.compile(rf"^{PREFIX}(\d+)-[0-9a-f]$")
 _CLONE_NEWNET = 0x40000000
 _TIMEOUT = 10.0  # seconds any one ip/tc/iptables call may take
@@ -120,7 +120,10 @@ def free_subnets(count: int) -> list[tuple[str, str]]:
         for m in re.findall(r"inet (\S+)", sh("ip", "-o", "-4", "addr", "show"))
     }
     out: list[tuple[str, str]] = []
-    for net in SUBNET.subnets(new_prefix=30):
+    blocks: list[ipaddress.IPv4Network] = list(SUBNET.subnets(new_prefix=30))
+    # Start where this process's pid points: two runs starting at once pick different /30s.
+    start = os.getpid() * 16 % len(blocks)
+    for net in blocks[start:] + blocks[:start]:
         if any(net.overlaps(u) for u in used):
             continue
         hosts = list(net.hosts())
@@ -185,8 +188,9 @@ def create(veth: Veth, shape: Shape) -> ShapedLink:
         link.latency_by = "netem" if netem else "none"
         drop = ("-m", "statistic", "--mode", "random")
         if shape.loss > 0:
-            sh(*inside, "iptables", "-A", "INPUT", *drop, "--probability", str(shape.loss),
-               "-j", "DROP")
+            # Only what crosses the veth: the namespace's own loopback is not the WAN.
+            sh(*inside, "iptables", "-A", "INPUT", "-i", veth.ns_if, *drop, "--probability",
+               str(shape.loss), "-j", "DROP")
         if shape.uplink_loss > 0:
             rule = ("INPUT", "-i", veth.host_if, *drop, "--probability", str(shape.uplink_loss),
                     "-j", "DROP")
