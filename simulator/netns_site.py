@@ -9,7 +9,8 @@ Rules:
   on kernels without it, by the root end's relay in ``simulator/wanproxy.py``).
 - They reach the run's broker through that relay on the veth's host address.
 - What is made is removed: ``close`` runs from the run's ``finally``, from atexit and on SIGTERM
-  (turned into ``SystemExit``); names carry the driver's pid, and the next run removes what a
+  or SIGHUP (turned into ``SystemExit``; ignored while ``close`` runs, so a second signal
+  cannot cut the clean-up short); names carry the driver's pid, and the next run removes what a
   killed run left (``netns.clean_stale``).
 - The link is measured at the host end of the veth every ``SAMPLE`` s: the report gets the bytes
   each way and the downlink rate while the link was busy, next to the shaped rate.
@@ -80,7 +81,7 @@ class RealLinks:
         self.stale: list[str] = []
         self._stop = threading.Event()
         self._sampler: threading.Thread | None = None
-        self._prev_term: Any = None
+        self._prev_handlers: dict[int, Any] = {}
         self._closed = False
 
     @classmethod
@@ -109,8 +110,7 @@ class RealLinks:
             SimError: a command failed or nothing listened (what was made is removed first).
         """
         atexit.register(self.close)
-        if threading.current_thread() is threading.main_thread():
-            self._prev_term = signal.signal(signal.SIGTERM, _terminate)
+        self._set_handlers(_terminate)
         self.stale = netns.clean_stale()
         placed = self.placed(self.scenario, specs)
         addresses = netns.free_subnets(len(placed))
@@ -195,16 +195,32 @@ class RealLinks:
         if self._closed:
             return
         self._closed = True
-        self._stop.set()
-        if self._sampler is not None:
-            self._sampler.join(2)
-        for s in self.sites.values():
-            s.proxy.stop()
-            netns.destroy(s.link)
-        with contextlib.suppress(Exception):
-            atexit.unregister(self.close)
-        if self._prev_term is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._prev_term)
+        self._set_handlers(signal.SIG_IGN)
+        try:
+            self._stop.set()
+            if self._sampler is not None:
+                self._sampler.join(2)
+            for s in self.sites.values():
+                s.proxy.stop()
+                netns.destroy(s.link)
+            with contextlib.suppress(Exception):
+                atexit.unregister(self.close)
+        finally:
+            self._set_handlers(None)
+
+    def _set_handlers(self, handler: Any) -> None:
+        """Install ``handler`` for SIGTERM and SIGHUP (None: put back what was there)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            if handler is None:
+                if sig in self._prev_handlers:
+                    signal.signal(sig, self._prev_handlers.pop(sig))
+            else:
+                previous = signal.signal(sig, handler)
+                # None: a handler not set from Python; the default is the honest way back.
+                self._prev_handlers.setdefault(sig, signal.SIG_DFL if previous is None
+                                               else previous)
 
 
 def _terminate(signum: int, frame: Any) -> None:
