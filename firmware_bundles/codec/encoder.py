@@ -223,10 +223,12 @@ def _diff_runs(diff: np.ndarray, min_zero_run: int) -> tuple[np.ndarray, np.ndar
         last = np.concatenate((np.flatnonzero(keep)[1:] - 1, [len(ends) - 1]))
         starts, ends = starts[keep], ends[last]
     zruns = starts - np.concatenate(([0], ends[:-1]))
+    # Starts are distinct and so are ends (a zero run separates runs), so plain fancy
+    # indexing marks them (np.add.at is several times slower); the running sum is 0 or 1.
     inside = np.zeros(len(diff) + 1, np.int8)
-    np.add.at(inside, starts, 1)
-    np.add.at(inside, ends, -1)
-    values = diff[np.cumsum(inside[:-1]).astype(bool)].tobytes()
+    inside[starts] += 1
+    inside[ends] -= 1
+    values = diff[np.cumsum(inside[:-1], dtype=np.int8).view(bool)].tobytes()
     return zruns, ends - starts, values
 
 
