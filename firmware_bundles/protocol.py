@@ -175,10 +175,27 @@ def _check_version(channel: Channel, doc: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------- state/events
 
 
+def _check_document(channel: Channel, doc: dict[str, Any]) -> None:
+    # One check for both ends: a sender that passes it is never dropped by a receiver (the
+    # decoder alone once refused every agent's committed result, which says "code": null).
+    if channel is Channel.EVENTS:
+        if not isinstance(doc.get("type"), str):
+            raise ProtocolViolation("event has no string 'type'")
+        code = doc.get("code")
+        if code is not None and not isinstance(code, str):
+            raise ProtocolViolation("event 'code' is not a string or null")
+
+
 def encode_document(channel: Channel, doc: dict[str, Any]) -> bytes:
-    """Encode a ``state`` or ``events`` document (adds ``"v"``) and check its cap."""
+    """Encode a ``state`` or ``events`` document (adds ``"v"``), check its schema and cap.
+
+    Raises:
+        ProtocolViolation: what ``decode_document`` would refuse (sender bugs fail here, loudly,
+            instead of as silent drops at the receiver).
+    """
     if channel not in (Channel.STATE, Channel.EVENTS):
         raise ValueError(f"{channel} does not carry documents")
+    _check_document(channel, doc)
     payload = _dumps({**doc, "v": PROTOCOL_VERSION})
     check_size(channel, payload)
     return payload
@@ -187,15 +204,12 @@ def encode_document(channel: Channel, doc: dict[str, Any]) -> bytes:
 def decode_document(channel: Channel, payload: bytes) -> dict[str, Any]:
     """Decode and validate a ``state`` or ``events`` document.
 
-    ``events`` must carry a string ``type``; an error ``code`` when present must be a string.
+    ``events`` must carry a string ``type``; ``code`` when present is a string, or null for
+    "no error" (what an agent sends with a successful result).
     """
     doc = _loads_object(channel, payload)
     _check_version(channel, doc)
-    if channel is Channel.EVENTS:
-        if not isinstance(doc.get("type"), str):
-            raise ProtocolViolation("event has no string 'type'")
-        if "code" in doc and not isinstance(doc["code"], str):
-            raise ProtocolViolation("event 'code' is not a string")
+    _check_document(channel, doc)
     return doc
 
 

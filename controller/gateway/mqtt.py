@@ -11,8 +11,9 @@ Rules:
   retained ``state`` and ``online`` once with a plain subscription, then drops it.
 * Every inbound message: topic parsed (the device id comes from the topic, which the broker ACL
   ties to the certificate), size-capped, schema-validated, then handed to the ``ControllerInbox``.
-  Malformed messages are counted by stable code and dropped; an inbox exception is logged and
-  counted, never kills the gateway.
+  Malformed messages are counted by stable code and dropped (logged at DEBUG with topic, error and
+  payload head, which names the sender's bug); an inbox exception is logged and counted, never
+  kills the gateway.
 * ``events`` are rate-limited per device (a token bucket in messages): a flooding device loses
   its excess events, the others are unaffected. ``fetch`` goes to the ``ChunkServer`` (per-device
   limits, round-robin, per-site budget).
@@ -187,7 +188,7 @@ class MqttGateway:
         try:
             device_id, channel = wire.parse_topic(topic)
         except BundleError as e:
-            self.stats.drops.drop(e.code)
+            self._drop(topic, payload, e)
             return
         self.stats.received[channel.value] = self.stats.received.get(channel.value, 0) + 1
         try:
@@ -207,7 +208,12 @@ class MqttGateway:
             else:
                 self.stats.drops.drop("protocol.topic_invalid")
         except BundleError as e:
-            self.stats.drops.drop(e.code)
+            self._drop(topic, payload, e)
         except Exception:
             self.stats.inbox_errors += 1
             log.exception("inbox failed on %s", topic)
+
+    def _drop(self, topic: str, payload: bytes, error: BundleError) -> None:
+        self.stats.drops.drop(error.code)
+        # DEBUG, not WARNING: a flooding device must not flood the log too.
+        log.debug("dropped %s (%s: %s): %r", topic, error.code, error, payload[:120])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 
 import pytest
 from hypothesis import given
@@ -99,6 +100,45 @@ def test_documents_carry_the_version_and_events_a_type() -> None:
         wire.encode_document(wire.Channel.STATE, {"x": "y" * 20000})
     assert wire.decode_online(wire.encode_online(online=True)) is True
     assert wire.decode_online(b"") is False
+
+
+def test_committed_result_with_null_code_reaches_the_controller() -> None:
+    """Every agent reports a success as ``"code": null``; the gateway dropped each one as
+    ``protocol.malformed``, so no committed result ever reached the controller."""
+    doc = {"type": "result", "outcome": "committed", "code": None, "message": ""}
+    events = wire.Channel.EVENTS
+    assert wire.decode_document(events, wire.encode_document(events, doc))["code"] is None
+    for bad in (1, True, [], {}):
+        with pytest.raises(ProtocolViolation):
+            wire.decode_document(
+                events, b'{"v":1,"type":"result","code":%s}' % json.dumps(bad).encode()
+            )
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=6),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["type", "code", "message", "outcome"]) | st.text(max_size=6),
+        _JSON_VALUES,
+        max_size=5,
+    )
+)
+def test_what_a_sender_can_encode_every_receiver_accepts(doc: dict[str, object]) -> None:
+    """Senders and receivers share one schema check: nothing encoded is dropped on arrival."""
+    for ch in (wire.Channel.STATE, wire.Channel.EVENTS):
+        try:
+            payload = wire.encode_document(ch, doc)
+        except ProtocolViolation:
+            continue
+        wire.decode_document(ch, payload)
 
 
 def test_command_shape_check() -> None:
