@@ -41,6 +41,10 @@ VALUE_OPTIONS = StreamOptions(lzma_lclppb=((0, 0, 0),), zstd_max_raw=256 << 10)
 COARSE_ZERO_RUN = 512
 TRIAL_OPTIONS = StreamOptions(lzma_lclppb=((0, 0, 0),), lzma_preset=1, zstd_max_raw=0)
 COARSE_TRIAL_MARGIN = 1.2
+# Start the prefix candidate early (beside the patch, on an idle core) where at least this
+# share of the chunk is literals: literals are the part a patch codes no better than plain
+# compression, so such a patch is likely to come out above half of a zstd-3 coding.
+SPECULATE_LITERALS = 1 / 8
 LIT_OPTIONS = StreamOptions(lzma_x86=True)
 CTRL_OPTIONS = StreamOptions(lzma_lclppb=((0, 0, 0),))
 
@@ -273,14 +277,18 @@ def iter_delta(old: bytes, new: bytes, covers: Covers, chunk_out_size: int,
     starts = list(range(0, len(new), chunk_out_size))
     n_workers = workers or min(4, os.cpu_count() or 1)
     # With fewer chunks than workers a core would idle: the prefix candidate (which needs
-    # no patch) is then started beside the patch instead of after it, even where the patch
-    # will turn out good enough not to need it.
-    speculate = len(starts) < n_workers
+    # no patch) is then started beside the patch instead of after it where the patch looks
+    # poor from its covers alone (SPECULATE_LITERALS of the chunk or more left uncovered).
+    # This only moves work earlier: which candidates are compared, and so the output, is
+    # the same either way; a wrong guess costs one prefix coding on an otherwise idle core.
+    idle_core = len(starts) < n_workers
 
     def one(c0: int) -> RawChunk:
         c1 = min(len(new), c0 + chunk_out_size)
         raw = new[c0:c1]
-        early = aux.submit(prefix_chunk, old, covers, c0, c1, raw) if speculate else None
+        early = None
+        if idle_core and _uncovered(covers, c0, c1) >= SPECULATE_LITERALS * (c1 - c0):
+            early = aux.submit(prefix_chunk, old, covers, c0, c1, raw)
         patch = patch_chunk(old_arr, new_arr, c0, c1, covers, aux=aux)
         # The strong full and prefix codings cost seconds per chunk; a level-3 zstd estimate
         # tells when they cannot win (strong coders gain well under 2x over level 3; a patch
@@ -307,6 +315,16 @@ def iter_delta(old: bytes, new: bytes, covers: Covers, chunk_out_size: int,
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def _uncovered(covers: Covers, c0: int, c1: int) -> int:
+    """Bytes of ``new[c0:c1]`` outside every cover (the patch's literals)."""
+    n, ln = covers.new_pos, covers.length
+    lo = int(np.searchsorted(n + ln, c0, side="right"))
+    hi = int(np.searchsorted(n, c1, side="left"))
+    starts = np.maximum(n[lo:hi], c0)
+    ends = np.minimum(n[lo:hi] + ln[lo:hi], c1)
+    return (c1 - c0) - int(np.maximum(ends - starts, 0).sum())
 
 
 def quick_estimate(raw: bytes) -> bytes:
