@@ -75,7 +75,11 @@ def main(argv: list[str]) -> None:
     pa, pb, po = Path(a), Path(b), Path(out)
     # Import first so the timed region is the work only.
     if tool == "ours":
-        import firmware_bundles.delta  # noqa: F401
+        import firmware_bundles.delta
+        if op == "encode":  # the encoder imports its matcher lazily (kept off the apply path)
+            import hdiffpatch
+
+            import firmware_bundles.codec.matcher  # noqa: F401
         fn = _ours_encode if op == "encode" else _ours_apply
         run = lambda: fn(pa, pb, po)  # noqa: E731
     elif tool.startswith("hdiffpatch-"):
