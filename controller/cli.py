@@ -161,27 +161,49 @@ def serve(  # noqa: PLR0917 (click passes options positionally)
     show_default=True,
     help="CN of the controller's client certificate (its broker username).",
 )
-def certs(data_dir: Path | None, hosts: tuple[str, ...], out: Path, controller_name: str) -> None:
-    """Issue the broker's server certificate and the controller's client certificate.
+@click.option(
+    "--relay",
+    "relay_sites",
+    multiple=True,
+    metavar="SITE",
+    help="Also issue relay-SITE.pem/.key, the site relay's client certificate (repeatable).",
+)
+def certs(
+    data_dir: Path | None,
+    hosts: tuple[str, ...],
+    out: Path,
+    controller_name: str,
+    relay_sites: tuple[str, ...],
+) -> None:
+    """Issue the broker's server certificate, the controller's and relays' client certificates.
 
-    Both are signed by the fleet CA that signs device certificates, so the broker trusts
+    All are signed by the fleet CA that signs device certificates, so the broker trusts
     devices and the controller with one ``cafile``; its ``crlfile`` is the data directory's
-    ``ca/crl.pem``.
+    ``ca/crl.pem``. A site relay's certificate (CN ``relay-SITE``, which the controller serves
+    as that site's relay) comes only from here: enrollment refuses ``relay-`` device ids.
     """
+    from controller.ids import RELAY_PREFIX, check_device_id  # noqa: PLC0415
     from controller.pki import FleetCA  # noqa: PLC0415
 
+    relays = [check_device_id(f"{RELAY_PREFIX}{site}") for site in relay_sites]
     data_dir = data_dir or default_data_dir()
     ca = FleetCA.load_or_create(data_dir / "ca")
     out.mkdir(parents=True, exist_ok=True)
     (out / "ca.pem").write_text(ca.cert_pem)
-    for name, cn, server in (("broker", hosts[0], hosts), ("controller", controller_name, ())):
+    issued: list[tuple[str, str, tuple[str, ...]]] = [
+        ("broker", hosts[0], hosts),
+        ("controller", controller_name, ()),
+        *((relay, relay, ()) for relay in relays),
+    ]
+    for name, cn, server in issued:
         cert, key = ca.issue(cn, server_names=server)
         (out / f"{name}.pem").write_text(cert)
         key_path = out / f"{name}.key"
         fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(key)
+    extra = "".join(f", {relay}.pem/.key" for relay in relays)
     click.echo(
-        f"wrote ca.pem, broker.pem/.key, controller.pem/.key to {out}; "
+        f"wrote ca.pem, broker.pem/.key, controller.pem/.key{extra} to {out}; "
         f"CRL: {data_dir / 'ca' / 'crl.pem'}"
     )

@@ -6,6 +6,12 @@ character outside a small set are refused, as are ids starting with ``.`` or ``-
 
     check_id("gw-0042", "device id")      # ok
     check_id("a/+/b", "device id")        # InvalidInput
+
+A device's certificate CN is its id, and the broker's ACL user is the CN, so a device may not be
+enrolled under a broker identity that has more rights than its own subtree or that the controller
+treats specially: ``relay-<site>`` (served as the site's relay, ``controller/releases.py``),
+``bridge-<site>`` and ``controller``/``controller-*`` (the generated ACLs, see
+``agent/transport/broker.py``). ``check_enrollable_device_id`` refuses them, case-insensitively.
 """
 
 from __future__ import annotations
@@ -16,6 +22,11 @@ from controller.errors import InvalidInput
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+
+RELAY_PREFIX = "relay-"
+RESERVED_ID_PREFIXES = (RELAY_PREFIX, "bridge-", "controller-")
+RESERVED_IDS = frozenset({"controller"})
+RESERVED_CODE = "enroll.device_id_reserved"
 
 
 def check_id(value: str, what: str) -> str:
@@ -44,6 +55,29 @@ def check_device_id(value: str) -> str:
         raise InvalidInput(
             "device id must be 1-64 characters of A-Z a-z 0-9 . _ - starting with a letter or "
             f"digit; got {value!r:.80}"
+        )
+    return value
+
+
+def is_reserved_identity(value: str) -> bool:
+    """Whether ``value`` names a relay, bridge or controller identity rather than a device."""
+    folded = value.lower()
+    return folded in RESERVED_IDS or folded.startswith(RESERVED_ID_PREFIXES)
+
+
+def check_enrollable_device_id(value: str) -> str:
+    """Return ``value`` if a device may be enrolled (and get a certificate) under it.
+
+    Raises:
+        InvalidInput: not a device id (``controller.invalid_input``), or a reserved identity
+            (code ``enroll.device_id_reserved``): its certificate would carry that identity.
+    """
+    check_device_id(value)
+    if is_reserved_identity(value):
+        raise InvalidInput(
+            f"device id {value!r} is reserved: ids starting with relay-, bridge- or controller- "
+            "(and 'controller') name broker identities, not devices",
+            code=RESERVED_CODE,
         )
     return value
 

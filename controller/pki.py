@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from controller.errors import InvalidInput
-from controller.ids import check_device_id
+from controller.ids import check_enrollable_device_id
 
 _MAX_CSR = 16 * 1024
 
@@ -117,9 +117,10 @@ class FleetCA:
 
         Raises:
             InvalidInput: a CSR that does not parse, is not self-signed correctly or uses an
-                unsupported key type; an unsafe device id.
+                unsupported key type; an unsafe or reserved device id (a device certificate
+                must never carry a relay, bridge or controller identity).
         """
-        check_device_id(device_id)
+        check_enrollable_device_id(device_id)
         if len(csr_pem) > _MAX_CSR:
             raise InvalidInput("CSR too large")
         try:

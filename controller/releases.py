@@ -41,7 +41,7 @@ from sqlalchemy.orm import Session
 
 from controller.db import models as m
 from controller.errors import Conflict, ControllerError, NotFound, ReleaseRejected
-from controller.ids import check_bundle_id
+from controller.ids import RELAY_PREFIX, check_bundle_id
 from firmware_bundles.chunkstore import ChunkStore
 from firmware_bundles.errors import BundleError, DigestMismatch
 from firmware_bundles.slb import SlbReader
@@ -56,11 +56,11 @@ PAYLOAD_DOC_LIFETIME = 30 * 86400
 RESIGN_BEFORE = 86400
 
 
-RELAY_PREFIX = "relay-"
-
-
 def relay_site_of(identity: str) -> str | None:
-    """The site of a relay identity ``relay-<site>``, else None (a device id)."""
+    """The site named by a relay identity ``relay-<site>``, else None (by syntax alone).
+
+    The controller asks ``ControllerService.relay_site``, which also refuses enrolled devices.
+    """
     if identity.startswith(RELAY_PREFIX) and len(identity) > len(RELAY_PREFIX):
         return identity[len(RELAY_PREFIX) :]
     return None
@@ -499,7 +499,7 @@ class ReleaseStore:
         with self._lock:
             payload_id = self._offered.get((device_id, bundle_id))
         if payload_id is None:
-            relay_site = relay_site_of(device_id)
+            relay_site = self.svc.relay_site(device_id)
             who = (
                 m.RolloutDevice.site == relay_site
                 if relay_site is not None

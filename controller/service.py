@@ -47,7 +47,7 @@ from controller.errors import (
     NotFound,
     Unauthorized,
 )
-from controller.ids import check_device_id, check_id
+from controller.ids import check_device_id, check_enrollable_device_id, check_id
 from controller.pki import FleetCA
 from controller.ports import DeviceGateway
 from controller.rollout.targeting import check_tz, check_windows
@@ -363,10 +363,11 @@ class ControllerService:
 
         Raises:
             EnrollmentRefused: unknown, used, expired or out-of-scope token.
-            InvalidInput: bad ids or CSR.
+            InvalidInput: bad ids or CSR; a reserved id such as ``relay-<site>`` (code
+                ``enroll.device_id_reserved``; the token stays unused).
             Conflict: the device id is already enrolled.
         """
-        check_device_id(device_id)
+        check_enrollable_device_id(device_id)
         check_id(hardware_model, "hardware model")
         if not isinstance(serial, str) or not 0 < len(serial) <= 128 or not serial.isprintable():
             raise InvalidInput("serial must be 1..128 printable characters")
@@ -595,9 +596,25 @@ class ControllerService:
         if self.known_device(device_id):
             with self._caches.lock:
                 return self._caches.site_of.get(device_id)
+        return self.relay_site(device_id)
+
+    def relay_site(self, identity: str) -> str | None:
+        """The site whose relay ``identity`` is (``relay-<site>``), else None.
+
+        The broker ACL ties a fetch topic to the sender's certificate CN, and enrollment never
+        signs a ``relay-`` CN, so only a relay certificate issued by the operator gets here. A
+        device enrolled under such an id before the prefix was reserved stays a device: it gets
+        its own offers, never its namesake site's.
+        """
         from controller.releases import relay_site_of  # noqa: PLC0415 - lazy, as ReleaseStore
 
-        return relay_site_of(device_id)
+        site = relay_site_of(identity)
+        if site is None:
+            return None
+        with self.sessions() as s:
+            if s.get(m.Device, identity) is not None:
+                return None
+        return site
 
     # ------------------------------------------------------------------ scheduler
 

@@ -7,8 +7,10 @@ import threading
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+from starlette.testclient import TestClient
 
 from agent.enroll_cli import make_csr
+from controller.api.app import create_app
 from controller.auth import Role
 from controller.errors import Conflict, EnrollmentRefused, Forbidden, InvalidInput
 from controller.service import ControllerConfig, ControllerService, Principal
@@ -69,6 +71,37 @@ def test_device_ids_unsafe_for_topics_are_refused(svc, bad):
     with pytest.raises(InvalidInput):
         svc.enroll(tok, bad, "SN1", "gw-x1", _csr())
     svc.enroll(tok, "gw-ok", "SN1", "gw-x1", _csr())  # the refused attempt used nothing
+
+
+@pytest.mark.parametrize(
+    "reserved", ["relay-berlin", "relay-other-site", "Relay-berlin", "bridge-berlin", "controller"]
+)
+def test_relay_and_broker_identities_cannot_be_enrolled(svc, reserved):
+    """A device enrolled as relay-<site> would hold that relay's certificate and be served every
+    chunk offered to the site (controller/releases.py); bridge/controller CNs have ACL rights over
+    every device's topics. Refused before the token is consumed."""
+    tok = svc.issue_enrollment_token(OPS, "berlin", "gw-x1")["token"]
+    with pytest.raises(InvalidInput, match="reserved") as e:
+        svc.enroll(tok, reserved, "SN1", "gw-x1", _csr())
+    assert e.value.code == "enroll.device_id_reserved"
+    assert svc.list_devices(OPS) == []
+    svc.enroll(tok, "relayer-1", "SN1", "gw-x1", _csr())  # the token is still unused
+
+
+def test_fleet_ca_never_signs_a_device_csr_as_a_relay(svc):
+    with pytest.raises(InvalidInput, match="reserved"):
+        svc.ca.sign_csr(_csr(), "relay-berlin")
+
+
+def test_enrolling_a_relay_id_through_the_api_is_a_422_with_its_code(svc):
+    tok = svc.issue_enrollment_token(OPS, "berlin", "gw-x1")["token"]
+    body = {"token": tok, "serial": "SN1", "hardware_model": "gw-x1", "csr_pem": _csr()}
+    with TestClient(create_app(svc)) as client:
+        r = client.post("/api/v1/enroll", json={**body, "device_id": "relay-berlin"})
+        assert r.status_code == 422, r.text
+        assert r.json()["code"] == "enroll.device_id_reserved"
+        assert "reserved" in r.json()["message"]
+        assert client.post("/api/v1/enroll", json={**body, "device_id": "gw-1"}).status_code == 200
 
 
 def test_duplicate_device_id_leaves_token_unused(svc):

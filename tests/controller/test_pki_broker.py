@@ -1,5 +1,6 @@
 """The fleet CA end to end with a real Mosquitto TLS listener: an enrolled device's certificate
-gets in; after decommissioning, the CRL the controller writes keeps it out."""
+gets in; after decommissioning, the CRL the controller writes keeps it out; a site relay's
+certificate from ``controller certs --relay`` gets in."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.enroll_cli import make_csr
@@ -80,12 +83,19 @@ def test_enrolled_device_connects_and_decommissioned_one_is_refused(tmp_path):
                 "127.0.0.1",
                 "--out",
                 str(certs),
+                "--relay",
+                "berlin",
             ],
             check=True,
             capture_output=True,
             timeout=60,
         )
         assert (certs / "broker.key").stat().st_mode & 0o777 == 0o600
+        # The site relay's identity comes from here, never from enrollment (which refuses it).
+        relay_cert = x509.load_pem_x509_certificate((certs / "relay-berlin.pem").read_bytes())
+        cn = relay_cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+        assert cn == "relay-berlin"
+        assert (certs / "relay-berlin.key").stat().st_mode & 0o777 == 0o600
         tls = TlsListener(
             cafile=str(certs / "ca.pem"),
             certfile=str(certs / "broker.pem"),
@@ -103,6 +113,8 @@ def test_enrolled_device_connects_and_decommissioned_one_is_refused(tmp_path):
                 _connect(port, ca, certs / "controller.pem", certs / "controller.key", "controller")
                 == "ok"
             )
+            relay = ("relay-berlin.pem", "relay-berlin.key")
+            assert _connect(port, ca, *(certs / f for f in relay), "relay-berlin") == "ok"
         finally:
             broker.stop()
         svc.decommission(OPS, "gw-gone")

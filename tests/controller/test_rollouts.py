@@ -6,7 +6,7 @@ import json
 import threading
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from controller.db import models as m
 from controller.errors import Conflict, RequirementsUnmet, RolloutError
@@ -507,3 +507,29 @@ def test_site_relay_is_served_what_its_site_was_offered(svc, fleet, release):
     assert svc.resolve_chunk("relay-s2", release["id"], 0) is None
     assert svc.site_of("relay-s1") == "s1"
     assert svc.site_of("d0000") == "s1"
+
+
+def test_device_enrolled_as_a_relay_id_before_the_reservation_gets_no_site_offers(
+    svc, fleet, release
+):
+    """Enrollment refuses relay-<site> now; a row from before stays a device, not site s2's relay."""
+    fleet.enroll(2, digest=release["v1"], site="s2", prefix="s2d")
+    [legacy] = fleet.enroll(1, digest=release["v1"], site="s1", prefix="legacy")
+    with svc.sessions.begin() as s:  # what an enrollment under "relay-s2" left behind
+        s.execute(update(m.Device).where(m.Device.id == legacy).values(id="relay-s2"))
+    svc._caches.site_of.clear()
+    ro = svc.scheduler.create(
+        fleet.ops,
+        name="r",
+        release_id=release["id"],
+        sites=["s2"],  # offered to site s2 only, not to the legacy device at s1
+        phases=[PhaseSpec("all", 100, p.Gate())],
+    )
+    svc.scheduler.start(fleet.ops, ro["id"])
+    svc.tick()
+    svc.tick()
+    assert svc.resolve_chunk("s2d0000", release["id"], 0) is not None  # s2 was offered it
+    assert svc.resolve_chunk("relay-s2", release["id"], 0) is None
+    assert svc.site_of("relay-s2") == "s1"
+    assert svc.relay_site("relay-s2") is None
+    assert svc.relay_site("relay-s1") == "s1"
