@@ -14,7 +14,7 @@ Rules:
   daemon at start-up), the raw command and the two device facts the checks need
   (``last_counter``, committed ``security_version``) plus ``now``.
 - A refusal comes back with its stable code (``bundle.signature_invalid``...). A child that
-  crashes, hangs past ``timeout`` or answers garbage makes the command refused with
+  cannot start, crashes, hangs past ``timeout`` or answers garbage makes the command refused with
   ``agent.verifier_failed``: never accepted. The child is killed on timeout or cancellation.
 - The daemon validates the reply's shape (``Release`` and ``ChunkSpec`` check themselves).
 
@@ -79,12 +79,15 @@ class ChildVerifier:
             security_version=state.security_version,
             now=now,
         )
-        proc = await asyncio.create_subprocess_exec(
-            *self._argv,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            cwd="/",
-        )
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self._argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                cwd="/",
+            )
+        except OSError as e:  # no memory, no process slot, interpreter gone: refuse, run on
+            raise VerifierFailed(f"cannot start the command verifier: {e}") from e
         try:
             out, _ = await asyncio.wait_for(proc.communicate(request), self._timeout)
         except TimeoutError:

@@ -132,6 +132,12 @@ def test_untrusted_root_is_refused_by_the_child(signed) -> None:
     assert e.value.code.startswith("bundle.")
 
 
+def test_verifier_that_cannot_start_refuses_the_command(signed, tmp_path) -> None:
+    missing = _child(argv=[str(tmp_path / "no-such-python"), "-m", "agent.verify_child"])
+    with pytest.raises(VerifierFailed):
+        asyncio.run(missing.verify(_install(signed), _state(), NOW))
+
+
 def test_crashed_verifier_refuses_the_command(signed) -> None:
     crashing = _child(argv=[sys.executable, "-c", "import sys; sys.stdin.read(); sys.exit(3)"])
     with pytest.raises(VerifierFailed) as e:
