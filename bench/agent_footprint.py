@@ -23,7 +23,8 @@
    end, as the agent's checkpoints do) against ``dd bs=4M conv=fsync`` to the same file system,
    alternating three times; the best of each is compared (the shared disk is noisy).
 
-Writes a Markdown table to stdout (and to ``--out``).
+Writes a Markdown table to stdout (and to ``--out``). ``BENCH_FETCH_WINDOW=N`` in the environment
+sets the daemon's ``[update] fetch_window`` (default 4, the agent's own default).
 """
 
 from __future__ import annotations
