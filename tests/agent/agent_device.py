@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from agent.adapters.bootenv import DEFAULT_ENV, RedundantEnv, SimBootloader
 from agent.adapters.faultfs import FaultFS, PowerCut
@@ -20,7 +22,13 @@ from agent.adapters.state_file import FileJournal
 from agent.core.states import BootSlot, ChunkSpec, PayloadKind, Release
 from agent.runtime import Agent, AgentConfig, MemorySource
 from agent.selftest import Check, SelfTestRunner
+from firmware_bundles.bundle import build_bundle
+from firmware_bundles.commands import Action, sign_command
 from firmware_bundles.delta import encode_delta, encode_full
+from firmware_bundles.keys import SigningKey
+from firmware_bundles.manifest import Manifest
+from firmware_bundles.slb import SlbReader
+from firmware_bundles.trust import Role, make_root, sign_root
 
 SLOT_A, SLOT_B, ENV, JOURNAL = (
     "/dev/slot-a",
@@ -225,3 +233,44 @@ class Device:
             if what in ("settled", "reboot"):
                 pending = None  # the command arrives once
         return "boot_loop"
+
+
+# --- signed releases and commands (the verifier's inputs) ----------------------------------
+
+def role_keys(first_seed: int) -> list[SigningKey]:
+    """Three keys: root, release, command (in that order)."""
+    return [SigningKey.from_seed(bytes([i]) * 32) for i in range(first_seed, first_seed + 3)]
+
+
+def signed_root(keys: list[SigningKey], now: int) -> bytes:
+    """A root signed by ``keys[0]`` naming ``keys`` as root, release and command keys."""
+    root = make_root(
+        version=1,
+        expires=now + 10**6,
+        role_keys={Role.ROOT: [keys[0].public], Role.RELEASE: [keys[1].public],
+                   Role.COMMAND: [keys[2].public]},
+    )
+    return sign_root(root, [keys[0]])
+
+
+def signed_release(work: Path, new: bytes, keys: list[SigningKey], now: int
+                   ) -> tuple[dict[str, Any], tuple[bytes, ...]]:
+    """A full bundle of ``new`` (version 2.0, board-x) signed by ``keys[1]``: manifest, chunks."""
+    (work / "new.img").write_bytes(new)
+    build_bundle(work / "new.img", work / "u.slb", release_keys=[keys[1]], version="2.0",
+                 hardware=["board-x"], now=now, security_version=1, chunk_out_size=8192)
+    with (work / "u.slb").open("rb") as f:
+        reader = SlbReader(f)
+        manifest = json.loads(reader.read_header().manifest)
+        entries = Manifest.from_signed(manifest["signed"]).payload.chunks
+        return manifest, tuple(reader.iter_chunks(entries))
+
+
+def install_command(manifest: dict[str, Any], key: SigningKey, *, issued: int,
+                    device: str = "dev-1", counter: int = 1, expires: int | None = None
+                    ) -> bytes:
+    """A signed INSTALL command carrying ``manifest``."""
+    return sign_command([key], device=device, counter=counter, action=Action.INSTALL,
+                        args={"bundle_id": manifest["signed"]["bundle_id"],
+                              "manifest": manifest},
+                        issued=issued, expires=expires)

@@ -15,7 +15,18 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from agent_device import SLOT_A, SLOT_B, Device, derived, image, make_bundle
+from agent_device import (
+    SLOT_A,
+    SLOT_B,
+    Device,
+    derived,
+    image,
+    install_command,
+    make_bundle,
+    role_keys,
+    signed_release,
+    signed_root,
+)
 
 from agent.adapters.bootenv import RedundantEnv, env_view
 from agent.core.events import CancelRequested, RollbackRequested
@@ -23,12 +34,7 @@ from agent.core.states import BootSlot, BootState, ChunkSpec, Phase
 from agent.runtime import MemorySource
 from agent.selftest import CommandMigrations
 from agent.verify import BundleVerifier
-from firmware_bundles.bundle import build_bundle
-from firmware_bundles.commands import Action, sign_command
-from firmware_bundles.keys import SigningKey
-from firmware_bundles.manifest import Manifest
-from firmware_bundles.slb import SlbReader
-from firmware_bundles.trust import Role, TrustStore, make_root, sign_root
+from firmware_bundles.trust import TrustStore
 
 ENV = "/boot/uboot.env"
 OLD = image(1)
@@ -262,58 +268,22 @@ def test_cancel_during_download_abandons_cleanly() -> None:
 
 # --- signed commands through the real verifier ------------------------------------------
 
-KEYS = [SigningKey.from_seed(bytes([i]) * 32) for i in range(1, 4)]
+KEYS = role_keys(1)
 NOW = 1_800_000_000
 
 
 def _trust() -> TrustStore:
-    root = make_root(
-        version=1,
-        expires=NOW + 10**6,
-        role_keys={
-            Role.ROOT: [KEYS[0].public],
-            Role.RELEASE: [KEYS[1].public],
-            Role.COMMAND: [KEYS[2].public],
-        },
-    )
-    return TrustStore.from_root_bytes(sign_root(root, [KEYS[0]]))
+    return TrustStore.from_root_bytes(signed_root(KEYS, NOW))
 
 
 @pytest.fixture(scope="module")
 def signed_manifest(tmp_path_factory):
-    d = tmp_path_factory.mktemp("slb")
-    (d / "new.img").write_bytes(NEW)
-    build_bundle(
-        d / "new.img",
-        d / "u.slb",
-        release_keys=[KEYS[1]],
-        version="2.0",
-        hardware=["board-x"],
-        now=NOW,
-        security_version=1,
-        chunk_out_size=8192,
-    )
-
-    with (d / "u.slb").open("rb") as f:
-        reader = SlbReader(f)
-        header = reader.read_header()
-        manifest = json.loads(header.manifest)
-        entries = Manifest.from_signed(manifest["signed"]).payload.chunks
-        chunks = tuple(reader.iter_chunks(entries))
-    return manifest, chunks
+    return signed_release(tmp_path_factory.mktemp("slb"), NEW, KEYS, NOW)
 
 
 def _cmd(signed, *, device="dev-1", counter=1, issued=NOW, expires=None, key=KEYS[2]) -> bytes:
-    manifest = signed[0]
-    return sign_command(
-        [key],
-        device=device,
-        counter=counter,
-        action=Action.INSTALL,
-        args={"bundle_id": manifest["signed"]["bundle_id"], "manifest": manifest},
-        issued=issued,
-        expires=expires,
-    )
+    return install_command(signed[0], key, device=device, counter=counter, issued=issued,
+                           expires=expires)
 
 
 @pytest.mark.parametrize(

@@ -12,72 +12,42 @@ import subprocess
 import sys
 
 import pytest
-from agent_device import SLOT_B, Device, derived, image
+from agent_device import (
+    SLOT_B,
+    Device,
+    derived,
+    image,
+    install_command,
+    role_keys,
+    signed_release,
+    signed_root,
+)
 
 from agent.core.states import AgentState, BootSlot, BootState, Phase, SlotInfo
 from agent.errors import AgentError, VerifierFailed
 from agent.verify import BundleVerifier
 from agent.verify_child import ChildVerifier, release_doc, release_from_doc
-from firmware_bundles.bundle import build_bundle
-from firmware_bundles.commands import Action, sign_command
 from firmware_bundles.errors import BundleError
-from firmware_bundles.keys import SigningKey
-from firmware_bundles.manifest import Manifest
-from firmware_bundles.slb import SlbReader
-from firmware_bundles.trust import Role, TrustStore, make_root, sign_root
+from firmware_bundles.trust import TrustStore
 
-KEYS = [SigningKey.from_seed(bytes([i]) * 32) for i in range(41, 44)]
+KEYS = role_keys(41)
 NOW = 1_800_000_000
 OLD = image(1)
 NEW = derived(OLD, 7)
 
 
 def _root() -> bytes:
-    root = make_root(
-        version=1,
-        expires=NOW + 10**6,
-        role_keys={
-            Role.ROOT: [KEYS[0].public],
-            Role.RELEASE: [KEYS[1].public],
-            Role.COMMAND: [KEYS[2].public],
-        },
-    )
-    return sign_root(root, [KEYS[0]])
+    return signed_root(KEYS, NOW)
 
 
 @pytest.fixture(scope="module")
 def signed(tmp_path_factory):
-    d = tmp_path_factory.mktemp("slb")
-    (d / "new.img").write_bytes(NEW)
-    build_bundle(
-        d / "new.img",
-        d / "u.slb",
-        release_keys=[KEYS[1]],
-        version="2.0",
-        hardware=["board-x"],
-        now=NOW,
-        security_version=1,
-        chunk_out_size=8192,
-    )
-    with (d / "u.slb").open("rb") as f:
-        reader = SlbReader(f)
-        manifest = json.loads(reader.read_header().manifest)
-        entries = Manifest.from_signed(manifest["signed"]).payload.chunks
-        chunks = tuple(reader.iter_chunks(entries))
-    return manifest, chunks
+    return signed_release(tmp_path_factory.mktemp("slb"), NEW, KEYS, NOW)
 
 
 def _install(signed, *, device="dev-1", counter=1, key=KEYS[2], expires=None, issued=NOW):
-    manifest = signed[0]
-    return sign_command(
-        [key],
-        device=device,
-        counter=counter,
-        action=Action.INSTALL,
-        args={"bundle_id": manifest["signed"]["bundle_id"], "manifest": manifest},
-        issued=issued,
-        expires=expires,
-    )
+    return install_command(signed[0], key, device=device, counter=counter, issued=issued,
+                           expires=expires)
 
 
 def _state(last_counter: int = 0) -> AgentState:
