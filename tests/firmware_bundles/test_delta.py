@@ -426,3 +426,53 @@ def test_streams_decode_while_the_window_is_read() -> None:
     refs[1] = parse_stream(bytes(bad), 0, len(raws[1]))[0]
     with pytest.raises(BundleRejected):
         decode_all(refs, lambda: b"window")
+
+
+def _rewritten_pair(seed: int, size: int) -> tuple[bytes, bytes]:
+    """A base and a target of which about a third is new bytes (a patch-poor chunk)."""
+    rng = random.Random(seed)
+    old = bytes(rng.choice(b"\0\1\2\3slotline") for _ in range(size))
+    new = bytearray(old)
+    for start in range(0, size, 3000):
+        new[start:start + 1000] = rng.randbytes(min(1000, size - start))
+    return old, bytes(new)
+
+
+def test_early_prefix_candidate_does_not_change_the_output() -> None:
+    # One chunk and two workers: the prefix candidate starts beside the patch (its covers
+    # leave a third of the chunk as literals); with one worker it runs after. Same bytes.
+    from firmware_bundles.codec.encoder import iter_delta  # noqa: PLC0415
+    from firmware_bundles.codec.matcher import find_covers  # noqa: PLC0415
+
+    old, new = _rewritten_pair(7, 96_000)
+    covers = find_covers(old, new)
+    alone = [c.data for c in iter_delta(old, new, covers, 1 << 20, workers=1)]
+    beside = [c.data for c in iter_delta(old, new, covers, 1 << 20, workers=2)]
+    assert alone == beside
+    assert _apply([EncodedChunk(d, len(new)) for d in beside], old) == new
+
+
+def test_large_stream_codes_only_the_trial_chosen_variant() -> None:
+    from firmware_bundles.codec.streams import VARIANT_TRIAL_MIN, lzma_variants  # noqa: PLC0415
+
+    rng = random.Random(3)
+    raw = b"".join(b"\xe8" + rng.randbytes(4) + bytes(11) for _ in range(VARIANT_TRIAL_MIN // 8))
+    opts = StreamOptions(lzma_x86=True, lzma_lclppb=((3, 0, 2), (0, 0, 0)))
+    chosen, trial = lzma_variants(raw, opts)
+    assert len(chosen) == 1
+    assert trial > 0
+    small, small_trial = lzma_variants(raw[:1000], opts)
+    assert len(small) == 4
+    assert small_trial == -1
+    enc = encode_stream(raw, opts)
+    assert decode_stream(enc, 0, len(raw)) == (raw, len(enc))
+
+
+def test_full_chunk_is_skipped_only_where_it_cannot_win() -> None:
+    from firmware_bundles.codec.encoder import full_chunk  # noqa: PLC0415
+
+    raw = random.Random(5).randbytes(100_000)
+    assert full_chunk(raw, to_beat=1000) is None  # random bytes cannot shrink to 1 %
+    made = full_chunk(raw, to_beat=1 << 30)
+    assert made is not None
+    assert b"".join(decode_chunk(made, len(raw), None)) == raw
