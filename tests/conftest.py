@@ -11,8 +11,15 @@ import os
 import socket
 
 import pytest
+from hypothesis import settings
 
 from agent.transport.broker import free_port
+
+# No per-example deadline: speed lives in bench/, and on shared cores a slow example is load, not
+# a bug (a 200 ms deadline made the canonical-JSON property fail once, then pass, under load).
+# print_blob: a failure prints the @reproduce_failure line that replays it exactly.
+settings.register_profile("slotline", deadline=None, print_blob=True)
+settings.load_profile("slotline")
 
 __all__ = ["free_port"]
 
