@@ -13,7 +13,15 @@ from pathlib import Path
 
 from simulator.netns import sh, shaped_netns
 
-__all__ = ["MemoryChunks", "NullInbox", "iface_bytes", "sh", "shaped_netns", "wait_port"]
+__all__ = [
+    "MemoryChunks",
+    "NullInbox",
+    "cpu_seconds",
+    "iface_bytes",
+    "sh",
+    "shaped_netns",
+    "wait_port",
+]
 
 
 def iface_bytes(ns: str, dev: str) -> tuple[int, int]:
@@ -22,6 +30,19 @@ def iface_bytes(ns: str, dev: str) -> tuple[int, int]:
     out = sh("ip", "netns", "exec", ns, "cat", str(base / "rx_bytes"), str(base / "tx_bytes"))
     rx, tx = out.split()
     return int(rx), int(tx)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a live process has used so far (``/proc/<pid>/stat``).
+
+    Benchmarks on the shared 2-core box report CPU per chunk beside the throughput: wall-clock
+    rates swing with other people's jobs, CPU seconds per message much less.
+    """
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # fields[0] is the state (field 3); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class MemoryChunks:

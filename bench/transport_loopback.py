@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.transport_common import MemoryChunks, NullInbox
+from bench.transport_common import MemoryChunks, NullInbox, cpu_seconds
 
 
 def _settings(port: int, cid: str):
@@ -42,7 +42,7 @@ def _broker(tmp: Path):
 # ------------------------------------------------------------------------------- serving
 
 
-async def _raw_subscribers(port: int, devices: int, expect: int) -> dict:
+async def _raw_subscribers(port: int, first: int, devices: int, expect: int) -> dict:
     from agent.transport.aioclient import AsyncMqttClient
     from firmware_bundles import protocol as wire
 
@@ -60,7 +60,7 @@ async def _raw_subscribers(port: int, devices: int, expect: int) -> dict:
             done.set()
 
     clients = []
-    for i in range(devices):
+    for i in range(first, first + devices):
         c = AsyncMqttClient(_settings(port, f"raw-{i}"), on_message=sink)
         await c.start()
         clients.append(c)
@@ -68,10 +68,12 @@ async def _raw_subscribers(port: int, devices: int, expect: int) -> dict:
         await c.wait_connected(10)
         await c.subscribe([(wire.device_topic(c.settings.client_id, wire.Channel.CHUNK), 1)])
     print("READY", flush=True)
+    cpu0 = time.process_time()
     try:
         await asyncio.wait_for(done.wait(), 120)
     except TimeoutError:
         print(f"raw subscribers got {got['n']} of {expect}", file=sys.stderr, flush=True)
+    got["cpu"] = time.process_time() - cpu0
     for c in clients:
         await c.stop()
     return got
@@ -98,10 +100,13 @@ async def _raw_publisher(port: int, devices: int, chunks: int, size: int) -> Non
     await pub.stop()
 
 
-async def _served_devices(port: int, devices: int, chunks: int) -> dict:
+async def _served_devices(port: int, first: int, devices: int, chunks: int) -> dict:
     from agent.adapters.mqtt import MqttTransport
 
-    ts = [MqttTransport(f"dev-{i}", _settings(port, f"dev-{i}"), window=16) for i in range(devices)]
+    ts = [
+        MqttTransport(f"dev-{i}", _settings(port, f"dev-{i}"), window=16)
+        for i in range(first, first + devices)
+    ]
     for t in ts:
         await t.start()
     ok = await asyncio.gather(*(t.reachable(30) for t in ts))
@@ -120,6 +125,7 @@ async def _served_devices(port: int, devices: int, chunks: int) -> dict:
             got["last"] = now
 
     start = time.time()
+    cpu0 = time.process_time()
     try:
         await asyncio.wait_for(asyncio.gather(*(fetch(t) for t in ts)), 120)
     except TimeoutError:
@@ -130,6 +136,7 @@ async def _served_devices(port: int, devices: int, chunks: int) -> dict:
         ]
         print(f"served devices got {got['n']}; stuck: {stuck[:10]}", file=sys.stderr, flush=True)
     got["start"] = start
+    got["cpu"] = time.process_time() - cpu0
     for t in ts:
         await t.stop()
     return got
@@ -150,26 +157,64 @@ def _wait_ready(proc: subprocess.Popen) -> None:
         raise RuntimeError(f"child said {line!r}")
 
 
+def _split(devices: int, procs: int) -> list[tuple[int, int]]:
+    """(first, count) of each device process's share of the devices."""
+    procs = max(1, min(procs, devices))
+    cuts = [devices * k // procs for k in range(procs + 1)]
+    return [(cuts[k], cuts[k + 1] - cuts[k]) for k in range(procs)]
+
+
+def _merge(parts: list[dict]) -> dict:
+    """One result from several device processes: counts summed, the span from first to last."""
+    out = {
+        "n": sum(p["n"] for p in parts),
+        "bytes": sum(p["bytes"] for p in parts),
+        "first": min(p["first"] for p in parts if p["n"]),
+        "last": max(p["last"] for p in parts),
+        "cpu": sum(p["cpu"] for p in parts),
+    }
+    if all("start" in p for p in parts):
+        out["start"] = min(p["start"] for p in parts)
+    return out
+
+
+def _results(procs: list[subprocess.Popen]) -> dict:
+    return _merge(
+        [json.loads(p.communicate(timeout=300)[0].strip().splitlines()[-1]) for p in procs]
+    )
+
+
 def serving(args) -> dict:
     from agent.transport.serving import ServingLimits
     from controller.gateway import GatewayLimits, MqttGateway
 
     total = args.devices * args.chunks * args.size
+    shares = _split(args.devices, args.device_procs)
     with tempfile.TemporaryDirectory() as tmp:
         broker = _broker(Path(tmp))
         try:
             # Raw Mosquitto: one publisher, the same frames, QoS1, to the same number of clients.
-            sub = _child(
-                "raw-sub", str(broker.port), str(args.devices), str(args.devices * args.chunks)
-            )
-            _wait_ready(sub)
-            t0 = time.time()
+            subs = [
+                _child("raw-sub", str(broker.port), str(first), str(n), str(n * args.chunks))
+                for first, n in shares
+            ]
+            for sub in subs:
+                _wait_ready(sub)
+            t0, cpu0, bcpu0 = time.time(), time.process_time(), cpu_seconds(broker.proc.pid)
             asyncio.run(_raw_publisher(broker.port, args.devices, args.chunks, args.size))
-            raw = json.loads(sub.communicate(timeout=300)[0].strip().splitlines()[-1])
+            raw = _results(subs)
             raw_rate = raw["n"] * args.size / (raw["last"] - t0)
+            raw_cpu = {
+                "sender": time.process_time() - cpu0,
+                "receivers": raw["cpu"],
+                "broker": cpu_seconds(broker.proc.pid) - bcpu0,
+            }
             print("raw phase:", raw, file=sys.stderr, flush=True)
             # Served: devices fetch through the gateway.
-            dev = _child("served-dev", str(broker.port), str(args.devices), str(args.chunks))
+            devs = [
+                _child("served-dev", str(broker.port), str(first), str(n), str(args.chunks))
+                for first, n in shares
+            ]
             chunks = MemoryChunks("b1", args.chunks, args.size)
 
             async def gateway() -> dict:
@@ -184,12 +229,18 @@ def serving(args) -> dict:
                 await gw.start()
                 await gw.wait_ready()
                 loop = asyncio.get_running_loop()
-                await loop.run_in_executor(None, _wait_ready, dev)
-                dev.stdin.write("go\n")
-                dev.stdin.flush()
-                out = await loop.run_in_executor(None, dev.communicate)
+                for dev in devs:
+                    await loop.run_in_executor(None, _wait_ready, dev)
+                cpu0, bcpu0 = time.process_time(), cpu_seconds(broker.proc.pid)
+                for dev in devs:
+                    dev.stdin.write("go\n")
+                    dev.stdin.flush()
+                result = await loop.run_in_executor(None, _results, devs)
+                cpu = {"sender": time.process_time() - cpu0}
+                cpu["broker"] = cpu_seconds(broker.proc.pid) - bcpu0
                 await gw.stop()
-                return json.loads(out[0].strip().splitlines()[-1])
+                result["cpu"] = {**cpu, "receivers": result["cpu"]}
+                return result
 
             served = asyncio.run(gateway())
             served_rate = served["bytes"] / (served["last"] - served["start"])
@@ -197,6 +248,7 @@ def serving(args) -> dict:
             broker.stop()
     return {
         "devices": args.devices,
+        "device_processes": len(shares),
         "chunks_per_device": args.chunks,
         "chunk_bytes": args.size,
         "total_bytes": total,
@@ -204,7 +256,18 @@ def serving(args) -> dict:
         "served_MBps": served_rate / 1e6,
         "ratio": served_rate / raw_rate,
         "served_complete": served["bytes"] == total,
+        # CPU microseconds per chunk by party (sender = raw publisher or gateway process):
+        # steadier than MB/s on a shared machine, and it says who the work falls on.
+        "raw_cpu_us_per_chunk": _per_chunk(raw_cpu, args),
+        "served_cpu_us_per_chunk": _per_chunk(served["cpu"], args),
     }
+
+
+def _per_chunk(cpu: dict[str, float], args) -> dict[str, float]:
+    n = args.devices * args.chunks
+    out = {k: round(v / n * 1e6, 1) for k, v in cpu.items()}
+    out["total"] = round(sum(cpu.values()) / n * 1e6, 1)
+    return out
 
 
 # ------------------------------------------------------------------------------- flood
@@ -400,12 +463,13 @@ def main() -> None:
     ap.add_argument("--healthy", type=int, default=20)
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--cuts", type=int, default=5)
+    ap.add_argument("--device-procs", type=int, default=1)
     args = ap.parse_args()
     r = args.rest
     if args.role == "raw-sub":
-        print(json.dumps(asyncio.run(_raw_subscribers(int(r[0]), int(r[1]), int(r[2])))))
+        print(json.dumps(asyncio.run(_raw_subscribers(*map(int, r[:4])))))
     elif args.role == "served-dev":
-        print(json.dumps(asyncio.run(_served_devices(int(r[0]), int(r[1]), int(r[2])))))
+        print(json.dumps(asyncio.run(_served_devices(*map(int, r[:4])))))
     elif args.role == "flooder":
         print(json.dumps(asyncio.run(_flooder(int(r[0]), float(r[1])))))
     else:

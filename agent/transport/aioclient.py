@@ -186,7 +186,8 @@ class AsyncMqttClient:
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fd: int | None = None
-        self._writing = False
+        self._writing = False  # add_writer is registered: waiting for the socket to drain
+        self._flush_pending = False  # a _flush is scheduled with call_soon
         self._connected = asyncio.Event()
         self._lost = asyncio.Event()
         self._stopping = False
@@ -379,13 +380,30 @@ class AsyncMqttClient:
 
     def _sock_want_write(self, _c: mqttc.Client, _u: Any, sock: Any) -> None:
         del sock
+        # Flush on the next loop iteration rather than through add_writer/remove_writer: the
+        # socket is nearly always writable, and every packet queued in this iteration (a burst
+        # of chunk publishes, the PUBACKs of what was just read) goes out in that one flush
+        # without two epoll_ctl calls and an extra poll per write cycle. Only a full socket
+        # buffer falls back to waiting for writability (``_flush``).
+        if self._in_loop():
+            self._schedule_flush()
+        elif self._loop is not None:
+            self._loop.call_soon_threadsafe(self._schedule_flush)
 
-        def register() -> None:
-            if self._loop is not None and self._fd is not None and not self._writing:
-                self._writing = True
-                self._loop.add_writer(self._fd, self._write)
+    def _schedule_flush(self) -> None:
+        if self._loop is not None and self._fd is not None and not self._flush_pending:
+            self._flush_pending = True
+            self._loop.call_soon(self._flush)
 
-        self._call(register)
+    def _flush(self) -> None:
+        self._flush_pending = False
+        if self._fd is None or self._writing:
+            return  # closed meanwhile, or already waiting for writability
+        self._write()
+        if self._fd is not None and self._loop is not None and self._client.want_write():
+            # The kernel buffer is full: wait until the socket drains.
+            self._writing = True
+            self._loop.add_writer(self._fd, self._write)
 
     def _sock_done_write(self, _c: mqttc.Client, _u: Any, sock: Any) -> None:
         del sock

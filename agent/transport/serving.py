@@ -15,6 +15,10 @@ Rules:
 * At most ``max_unacked`` chunk publishes await their PUBACK: memory stays bounded and the
   broker is not flooded faster than it acknowledges.
 * ``ping`` is answered at once with a ``PONG`` frame (the agent's "can reach the controller").
+* A resolver may be a plain function (the controller's store: the chunk is served in the
+  scheduler's own pass, no task per chunk) or a coroutine function (the relay, which may wait on
+  its WAN: one task per chunk). A served chunk's slot is released by its PUBACK, or after
+  ``ack_timeout`` if none comes (a link that never returns must not pin slots forever).
 
     server = ChunkServer(client, resolve, site_of=lambda d: None)
     server.start()
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -38,7 +43,8 @@ from firmware_bundles.throttle import SiteBudgets, TokenBucket
 
 log = logging.getLogger(__name__)
 
-Resolver = Callable[[str, str, int], Awaitable[bytes | None]]  # device, bundle, index
+# device, bundle, index -> the chunk's bytes, None if not offered to this device.
+Resolver = Callable[[str, str, int], Awaitable[bytes | None] | bytes | None]
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,7 @@ class ServingLimits:
     max_pending: int = 256  # indices queued per device
     per_device_inflight: int = 4
     max_unacked: int = 64
+    ack_timeout: float = 30.0  # seconds a served chunk may hold its slot without a PUBACK
 
 
 @dataclass
@@ -71,6 +78,7 @@ class _Device:
     pending: deque[tuple[str, int]] = field(default_factory=deque)
     queued: set[tuple[str, int]] = field(default_factory=set)
     inflight: int = 0
+    topic: str = ""  # its chunk topic, built once (device ids are validated when built)
 
 
 class ChunkServer:
@@ -97,7 +105,10 @@ class ChunkServer:
         self._ready: deque[str] = deque()
         self._ready_set: set[str] = set()
         self._wakeup = asyncio.Event()
-        self._slots = asyncio.Semaphore(self.limits.max_unacked)
+        self._busy = 0  # chunks resolving or awaiting their PUBACK (<= max_unacked)
+        # PUBACK futures of served chunks -> (device, deadline); whichever of the PUBACK and the
+        # sweep comes first releases the slot, exactly once.
+        self._unacked: dict[asyncio.Future[int], tuple[_Device, float]] = {}
         self._task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -120,6 +131,7 @@ class ChunkServer:
         dev = self._devices.get(device_id)
         if dev is None:
             dev = _Device(device_id, TokenBucket(self.limits.fetch_rate, self.limits.fetch_burst))
+            dev.topic = wire.device_topic(device_id, wire.Channel.CHUNK)
             self._devices[device_id] = dev
         return dev
 
@@ -136,11 +148,10 @@ class ChunkServer:
             self.stats.drops.drop(e.code)
             return
         self.stats.requests += 1
-        topic = wire.device_topic(device_id, wire.Channel.CHUNK)
         if request.op is wire.FetchOp.PING:
             self.stats.pongs += 1
             frame = wire.ChunkFrame(request.request_id[:128], 0, wire.ChunkStatus.PONG)
-            self.client.publish(topic, wire.encode_chunk(frame))
+            self.client.publish(dev.topic, wire.encode_chunk(frame))
             return
         was_idle = not dev.pending
         for index in request.indices:
@@ -174,9 +185,10 @@ class ChunkServer:
 
     async def _schedule(self) -> None:
         while True:
+            self._sweep()
             if not self._ready:
                 self._wakeup.clear()
-                await self._wakeup.wait()
+                await self._wait(None)
                 continue
             parked: list[str] = []
             earliest: float | None = None
@@ -190,25 +202,21 @@ class ChunkServer:
                 if dev.inflight >= self.limits.per_device_inflight:
                     parked.append(device_id)
                     continue
+                if self._busy >= self.limits.max_unacked:
+                    # Every slot awaits a PUBACK: whoever is left keeps its place in the round.
+                    parked.append(device_id)
+                    continue
                 site = self.site_of(device_id)
                 delay = self.budgets.delay(site, self.clock.monotonic(), self.clock.now())
                 if delay > 0:
                     parked.append(device_id)
                     earliest = delay if earliest is None else min(earliest, delay)
                     continue
-                await self._slots.acquire()
-                if not dev.pending or dev.inflight >= self.limits.per_device_inflight:
-                    # Served by another path while we waited for a slot.
-                    self._slots.release()
-                    if dev.pending:
-                        parked.append(device_id)
-                    continue
                 bundle_id, index = dev.pending.popleft()
                 dev.queued.discard((bundle_id, index))
                 dev.inflight += 1
-                task = asyncio.ensure_future(self._serve(dev, site, bundle_id, index))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._busy += 1
+                self._dispatch(dev, site, bundle_id, index)
                 progressed = True
                 if dev.pending:
                     self._mark_ready(device_id)
@@ -216,40 +224,122 @@ class ChunkServer:
                 self._mark_ready(device_id)
             if not progressed:
                 self._wakeup.clear()
-                timeout = earliest if earliest is not None else 0.05
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), timeout)
+                # Nothing could go: wait for a PUBACK, a fetch, or the site budget.
+                await self._wait(earliest if earliest is not None else 0.05)
+            else:
+                # Let the loop read PUBACKs and fetches between passes.
+                await asyncio.sleep(0)
 
-    async def _serve(self, dev: _Device, site: str | None, bundle_id: str, index: int) -> None:
-        topic = wire.device_topic(dev.device_id, wire.Channel.CHUNK)
+    async def _wait(self, timeout: float | None) -> None:
+        if self._unacked:
+            # Wake for the PUBACK sweep even when nothing else happens.
+            sweep = self.limits.ack_timeout / 4
+            timeout = sweep if timeout is None else min(timeout, sweep)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), timeout)
+
+    def _sweep(self) -> None:
+        if not self._unacked:
+            return
+        now = self.clock.monotonic()
+        expired = [fut for fut, (_dev, deadline) in self._unacked.items() if deadline <= now]
+        for fut in expired:
+            # Bounded wait: a lost link holds the PUBACK; paho redelivers within the session.
+            self._acked(fut)
+
+    def _dispatch(self, dev: _Device, site: str | None, bundle_id: str, index: int) -> None:
         try:
-            try:
-                data = await self.resolve(dev.device_id, bundle_id, index)
-            except TransferError as e:
-                # Temporarily unavailable (a relay's WAN is down): the device asks again.
-                frame = wire.ChunkFrame(bundle_id, index, wire.ChunkStatus.REFUSED, e.code.encode())
-                self.client.publish(topic, wire.encode_chunk(frame))
-                return
-            except Exception:
-                log.exception("resolving chunk %s/%d failed", bundle_id, index)
-                data = None
-            if data is None:
-                self.stats.not_found += 1
-                frame = wire.ChunkFrame(bundle_id, index, wire.ChunkStatus.NOT_FOUND)
-                self.client.publish(topic, wire.encode_chunk(frame))
-                return
-            self.budgets.charge(site, len(data), self.clock.monotonic(), self.clock.now())
-            fut = self.client.publish(
-                topic, wire.encode_chunk(wire.ChunkFrame(bundle_id, index, data=data))
-            )
-            self.stats.served += 1
-            self.stats.served_bytes += len(data)
-            with contextlib.suppress(Exception):
-                # Bounded wait: a lost link cancels it; paho redelivers within the session.
-                await asyncio.wait_for(fut, 30.0)
-        finally:
-            dev.inflight -= 1
-            self._slots.release()
-            if dev.pending:
-                self._mark_ready(dev.device_id)
-            self._wakeup.set()
+            result = self.resolve(dev.device_id, bundle_id, index)
+        except TransferError as e:
+            self._refuse(dev, bundle_id, index, e)
+            return
+        except Exception:
+            log.exception("resolving chunk %s/%d failed", bundle_id, index)
+            result = None
+        if inspect.isawaitable(result):
+            task = asyncio.ensure_future(self._serve_later(dev, site, bundle_id, index, result))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        self._send(dev, site, bundle_id, index, result)
+
+    async def _serve_later(
+        self,
+        dev: _Device,
+        site: str | None,
+        bundle_id: str,
+        index: int,
+        pending: Awaitable[bytes | None],
+    ) -> None:
+        try:
+            data = await pending
+        except TransferError as e:
+            self._refuse(dev, bundle_id, index, e)
+            return
+        except asyncio.CancelledError:
+            self._release(dev)
+            raise
+        except Exception:
+            log.exception("resolving chunk %s/%d failed", bundle_id, index)
+            data = None
+        self._send(dev, site, bundle_id, index, data)
+
+    def _refuse(self, dev: _Device, bundle_id: str, index: int, error: TransferError) -> None:
+        # Temporarily unavailable (a relay's WAN is down): the device asks again.
+        frame = wire.ChunkFrame(bundle_id, index, wire.ChunkStatus.REFUSED, error.code.encode())
+        self.client.publish(dev.topic, wire.encode_chunk(frame))
+        self._release(dev)
+
+    def _send(
+        self, dev: _Device, site: str | None, bundle_id: str, index: int, data: bytes | None
+    ) -> None:
+        if data is not None and len(data) > wire.MAX_CHUNK_DATA:
+            log.error("chunk %s/%d of %d bytes exceeds the frame cap", bundle_id, index, len(data))
+            data = None
+        if data is None:
+            self.stats.not_found += 1
+            frame = wire.ChunkFrame(bundle_id, index, wire.ChunkStatus.NOT_FOUND)
+            self.client.publish(dev.topic, wire.encode_chunk(frame))
+            self._release(dev)
+            return
+        size = len(data)
+        self.budgets.charge(site, size, self.clock.monotonic(), self.clock.now())
+        try:
+            fut = self.client.publish(dev.topic, _chunk_frame(bundle_id, index, data))
+        except Exception:
+            log.exception("publishing chunk %s/%d failed", bundle_id, index)
+            self._release(dev)
+            return
+        self.stats.served += 1
+        self.stats.served_bytes += size
+        if fut.done():
+            self._release(dev)
+            return
+        self._unacked[fut] = (dev, self.clock.monotonic() + self.limits.ack_timeout)
+        fut.add_done_callback(self._acked)
+
+    def _acked(self, fut: asyncio.Future[int]) -> None:
+        entry = self._unacked.pop(fut, None)
+        if entry is not None:
+            self._release(entry[0])
+
+    def _release(self, dev: _Device) -> None:
+        dev.inflight -= 1
+        self._busy -= 1
+        if dev.pending:
+            self._mark_ready(dev.device_id)
+        self._wakeup.set()
+
+
+def _chunk_frame(bundle_id: str, index: int, data: bytes) -> bytes:
+    """``wire.encode_chunk`` of an OK frame without building a ``ChunkFrame`` per chunk.
+
+    The bundle id and index were validated when the fetch was decoded, the size by the caller.
+    Same bytes as ``encode_chunk``
+    (``tests/transport/test_wire_protocol.py`` holds both to the same frame).
+    """
+    bid = bundle_id.encode()
+    header = wire.CHUNK_HEADER.pack(
+        wire.CHUNK_MAGIC, wire.PROTOCOL_VERSION, wire.ChunkStatus.OK, len(bid), index
+    )
+    return b"".join((header, bid, data))

@@ -6,7 +6,8 @@ Rules:
   ``slotline/v1/dev/<id>/cmd`` (not retained: a command is delivered once per session, never to a
   device that resubscribes later). Safe to call from any thread (FastAPI's sync endpoints).
 * Subscribes with shared subscriptions (``$share/<group>/slotline/v1/dev/+/<channel>``) for
-  ``state``, ``events``, ``fetch`` and ``online``, so controller replicas split the load. Shared
+  ``state``, ``events``, ``fetch`` and ``online``, so controller replicas split the load
+  (``fetch`` at QoS0: see ``_SUB_QOS``). Shared
   subscriptions get no retained messages (MQTT v5), so at start the gateway also reads the
   retained ``state`` and ``online`` once with a plain subscription, then drops it.
 * Every inbound message: topic parsed (the device id comes from the topic, which the broker ACL
@@ -41,6 +42,17 @@ from firmware_bundles.throttle import SiteBudgets, TokenBucket
 log = logging.getLogger(__name__)
 
 _INBOUND = (wire.Channel.STATE, wire.Channel.EVENTS, wire.Channel.FETCH, wire.Channel.ONLINE)
+# ``fetch`` is taken in at QoS0: the broker still acknowledges the device's QoS1 publish (and
+# refuses it with reason 135 under the ACL), but the gateway sends no PUBACK per request, one
+# packet and one syscall less per served chunk (docs/benchmarks/transport.md). Nothing is lost
+# that QoS1 would keep: the request queue lives in the chunk server's memory and is forgotten
+# on a restart anyway, and a device re-asks for what does not arrive within its timeout.
+_SUB_QOS = {
+    wire.Channel.STATE: 1,
+    wire.Channel.EVENTS: 1,
+    wire.Channel.FETCH: 0,
+    wire.Channel.ONLINE: 1,
+}
 
 
 @dataclass(frozen=True)
@@ -89,7 +101,8 @@ class MqttGateway:
         )
         self.server = ChunkServer(
             self.client,
-            self._resolve,
+            # A plain function: the store answers at once, so no task per chunk.
+            chunks.resolve_chunk,
             site_of=chunks.site_of,
             clock=self.clock,
             budgets=budgets,
@@ -137,7 +150,7 @@ class MqttGateway:
         task.add_done_callback(self._bg.discard)
 
     async def _subscribe(self) -> None:
-        filters = [(wire.shared_filter(ch, self.share_group), 1) for ch in _INBOUND]
+        filters = [(wire.shared_filter(ch, self.share_group), _SUB_QOS[ch]) for ch in _INBOUND]
         await self.client.subscribe(filters)
         if self.read_retained and not self._retained_done:
             self._retained_done = True
@@ -172,9 +185,6 @@ class MqttGateway:
             loop.call_soon_threadsafe(lambda: self.client.publish(topic, command) and None)
 
     # ------------------------------------------------------------------ inbound
-
-    async def _resolve(self, device_id: str, bundle_id: str, index: int) -> bytes | None:
-        return self.chunks.resolve_chunk(device_id, bundle_id, index)
 
     def _event_allowed(self, device_id: str) -> bool:
         bucket = self._event_buckets.get(device_id)

@@ -146,3 +146,20 @@ def test_command_shape_check() -> None:
     for bad in (b"[]", b'{"signed":1,"signatures":[]}', b"\xff"):
         with pytest.raises(ProtocolViolation):
             wire.check_command_shape(bad)
+
+
+@given(
+    st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-._", min_size=1, max_size=128),
+    st.integers(0, 2**32 - 1),
+    st.binary(max_size=512),
+)
+def test_the_chunk_servers_fast_framing_sends_the_same_bytes(
+    bundle_id: str, index: int, data: bytes
+) -> None:
+    # The chunk server frames OK chunks without building a ChunkFrame per chunk; a device
+    # must not be able to tell.
+    from agent.transport.serving import _chunk_frame  # noqa: PLC0415 - the one private under test
+
+    frame = wire.ChunkFrame(bundle_id, index, data=data)
+    assert _chunk_frame(bundle_id, index, data) == wire.encode_chunk(frame)
+    assert wire.decode_chunk(_chunk_frame(bundle_id, index, data)) == frame
