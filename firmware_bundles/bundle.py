@@ -372,25 +372,45 @@ def apply_chunks(
 ) -> ImageRef:
     """Decode verified chunks in order through ``write``; check and return the final digest.
 
-    The building block of ``apply_bundle`` (and of the agent writing a slot).
+    The building block of ``apply_bundle`` (and of the agent writing a slot). Each chunk's
+    digest is checked against its table row before it is handed to the decoder; later chunks
+    decode on threads while earlier ones are written (``delta.decode_chunks``), within the
+    codec's in-flight memory budget. A refused chunk raises before any of its bytes, or any
+    byte after it, reaches ``write``.
 
     Raises:
         DigestMismatch: the output is not the release-signed target.
         Truncated: fewer chunks than the table.
-        BundleRejected subclasses from ``decode_verified_chunk``.
+        BundleRejected subclasses from ``check_chunk`` and the codec.
     """
+    from firmware_bundles import delta  # noqa: PLC0415 - the codec loads lazily
+
     h = hashlib.sha256()
     size = 0
     entries = release.payload.chunks
     source = iter(chunks)
-    for index, entry in enumerate(entries):
-        data = next(source, None)
-        if data is None:
-            raise Truncated(f"{index} chunks of {len(entries)}")
-        for piece in decode_verified_chunk(entry, data, base):
-            h.update(piece)
-            size += len(piece)
-            write(piece)
+
+    def checked() -> Iterator[tuple[bytes, int]]:
+        # Pulled on this thread by the pipeline: the .slb reader is never shared.
+        for index, entry in enumerate(entries):
+            data = next(source, None)
+            if data is None:
+                raise Truncated(f"{index} chunks of {len(entries)}")
+            check_chunk(entry, data)
+            yield data, entry.out_size
+
+    decoded = delta.decode_chunks(checked(), base)
+    try:
+        for entry, out in zip(entries, decoded, strict=False):
+            # The codec bounds itself; this is the bundle layer's own guard against a bomb.
+            if len(out) != entry.out_size:
+                raise SizeExceeded(f"chunk decodes to {len(out)} bytes, "
+                                   f"signed out_size {entry.out_size}")
+            h.update(out)
+            size += len(out)
+            write(out)
+    finally:
+        decoded.close()  # type: ignore[attr-defined]
     # Pull once more: a .slb reader checks for trailing bytes only when asked past the end.
     for _extra in source:
         raise SizeExceeded("more chunks than the signed table")

@@ -24,19 +24,24 @@ Example:
     with FileBaseReader(old_path) as base:
         for piece in decode_chunk(chunk.data, chunk.out_size, base):
             out.write(piece)
+        # or, a whole run decoded ahead on threads, within a memory budget:
+        for image_part in decode_chunks(((c.data, c.out_size) for c in chunks), base):
+            out.write(image_part)
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, Protocol, Self
 
 from firmware_bundles.codec import chunk as _chunk
+from firmware_bundles.codec import pipeline as _pipeline
 from firmware_bundles.codec.chunk import MAX_CHUNK_OUT
+from firmware_bundles.codec.pipeline import DEFAULT_BUDGET, DEFAULT_WORKERS
 from firmware_bundles.errors import DeltaCorrupt
 
 __all__ = [
@@ -47,6 +52,7 @@ __all__ = [
     "EncodedChunk",
     "FileBaseReader",
     "decode_chunk",
+    "decode_chunks",
     "encode_delta",
     "encode_full",
 ]
@@ -175,3 +181,25 @@ def decode_chunk(data: bytes, out_size: int, base: BaseReader | None) -> Iterato
         Truncated: the chunk ends early.
     """
     return _chunk.decode_chunk(data, out_size, base)
+
+
+def decode_chunks(chunks: Iterable[tuple[bytes, int]], base: BaseReader | None, *,
+                  budget: int = DEFAULT_BUDGET, workers: int = DEFAULT_WORKERS) -> Iterator[bytes]:
+    """Decode a run of chunks, later ones on threads while earlier ones are written.
+
+    Yields each chunk's output (exactly its ``out_size`` bytes) strictly in order. Chunks in
+    flight are charged an upper bound of their decode memory and held within ``budget``
+    (``codec/pipeline.py``). Close the iterator (or let it end) to end its threads.
+
+    Args:
+        chunks: ``(data, out_size)`` per chunk, digest-checked; pulled on the caller's thread.
+        base: the base image (concurrent ``pread`` must be safe), ``None`` for a full bundle.
+        budget: bytes charged to chunks in flight; the oldest chunk is always admitted.
+        workers: decoding threads; 0 decodes serially on the caller's thread.
+
+    Raises:
+        DeltaCorrupt, SizeExceeded, Truncated: as :func:`decode_chunk`, for the first bad
+            chunk, only after every chunk before it was yielded; nothing after it is yielded.
+        Whatever ``chunks`` raises, at the position where it raised.
+    """
+    return _pipeline.decode_chunks(chunks, base, budget=budget, workers=workers)

@@ -23,14 +23,14 @@ def _ours_encode(old: Path, new: Path, out: Path) -> None:
 
 
 def _ours_apply(old: Path, patch: Path, out: Path) -> None:
-    # The device path: one chunk in memory at a time, base read with pread, output streamed.
+    # The device path: chunks decoded ahead on two threads within the codec's in-flight
+    # memory budget (delta.decode_chunks), base read with pread, output streamed in order.
     from bench.peers.container import read_chunks
-    from firmware_bundles.delta import FileBaseReader, decode_chunk
+    from firmware_bundles.delta import FileBaseReader, decode_chunks
 
     with FileBaseReader(old) as base, patch.open("rb") as src, out.open("wb") as dst:
-        for data, out_size in read_chunks(src):
-            for piece in decode_chunk(data, out_size, base):
-                dst.write(piece)
+        for piece in decode_chunks(read_chunks(src), base):
+            dst.write(piece)
 
 
 def _hdp_config(kind: str):

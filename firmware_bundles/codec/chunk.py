@@ -29,17 +29,18 @@ stream(zero runs) | stream(value runs) | stream(values) | stream(literals)``.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from firmware_bundles.codec.streams import (
+    MAX_STREAM_RAW,
     decode_all,
     decode_prefixed,
-    decode_stream,
     get_uvarint,
     parse_stream,
 )
-from firmware_bundles.errors import DeltaCorrupt, SizeExceeded, Truncated
+from firmware_bundles.errors import BundleError, DeltaCorrupt, SizeExceeded, Truncated
 
 if TYPE_CHECKING:  # numpy (about 20 MiB of RSS) loads only for the encoder and the fallback
     import numpy as np
@@ -51,6 +52,9 @@ except ImportError:  # pragma: no cover - exercised by forcing _native = None in
 
 # Largest out_size a chunk may declare: decoding one chunk holds a few buffers of this size.
 MAX_CHUNK_OUT = 16 << 20
+# decode_cost reads a window table of up to this many windows (a few hundred bytes in
+# practice) to charge the exact window size; longer tables are charged the 2 * out_size limit.
+_EXACT_WINDOW_MAX = 4096
 
 
 class Tag(enum.IntEnum):
@@ -99,11 +103,27 @@ def unzigzag(values: np.ndarray) -> np.ndarray:
     return ((v >> np.uint64(1)).astype(np.int64)) ^ -((v & np.uint64(1)).astype(np.int64))
 
 
-def decode_chunk(data: bytes, out_size: int, base: Reader | None) -> Iterator[bytes]:
-    """Decode one chunk into exactly ``out_size`` bytes (see module docstring).
+@dataclass(frozen=True)
+class ChunkPlan:
+    """A chunk split into independent jobs plus the step that joins their results.
+
+    ``jobs`` may run in any order and on any thread (stream decompressions and base reads,
+    which release the GIL); ``finish`` takes their results in job order and returns the
+    chunk's output, raising the first job's error in job order, so a chunk fails with the same
+    error however its jobs were scheduled.
+    """
+
+    jobs: tuple[Callable[[], bytes], ...]
+    sizes: tuple[int, ...]  # input bytes of each job: larger ones are started first
+    finish: Callable[[Sequence[bytes]], bytes]
+
+
+def plan_chunk(data: bytes, out_size: int, base: Reader | None) -> ChunkPlan:
+    """Parse a chunk's headers (no decompression) into a :class:`ChunkPlan`.
 
     Raises:
-        DeltaCorrupt, SizeExceeded, Truncated: on any inconsistency (stable codes).
+        DeltaCorrupt, SizeExceeded, Truncated: bad headers (stable codes); errors in the
+            payloads surface from the jobs.
     """
     if not 0 <= out_size <= MAX_CHUNK_OUT:
         raise SizeExceeded(f"chunk out_size {out_size} outside 0..{MAX_CHUNK_OUT}")
@@ -115,21 +135,83 @@ def decode_chunk(data: bytes, out_size: int, base: Reader | None) -> Iterator[by
     except ValueError as e:
         raise DeltaCorrupt(f"unknown chunk tag {view[0]:#x}") from e
     if tag is Tag.FULL:
-        raw, end = decode_stream(view, 1, out_size)
-        if end != len(view):
-            raise DeltaCorrupt("trailing bytes after a full chunk")
-        if len(raw) != out_size:
-            raise Truncated("full chunk shorter than its out_size")
-        out: bytes | bytearray = raw
-    elif tag is Tag.PATCH:
-        out = _decode_patch(view, out_size, base)
-    else:
-        out = _decode_prefix(view, out_size, base)
-    # The chunk is already one buffer of out_size bytes: hand it out without copying.
-    yield bytes(out) if isinstance(out, bytearray) else out
+        ref, end = parse_stream(view, 1, out_size)
+
+        def full(results: Sequence[bytes]) -> bytes:
+            if end != len(view):
+                raise DeltaCorrupt("trailing bytes after a full chunk")
+            if len(results[0]) != out_size:
+                raise Truncated("full chunk shorter than its out_size")
+            return results[0]
+
+        return ChunkPlan((ref.decode,), (len(view),), full)
+    if tag is Tag.PATCH:
+        return _plan_patch(view, out_size, base)
+    return ChunkPlan((lambda: _decode_prefix(view, out_size, base),), (len(view),), _only)
 
 
-def _decode_patch(view: memoryview, out_size: int, base: Reader | None) -> bytes | bytearray:
+def _only(results: Sequence[bytes]) -> bytes:
+    return results[0]
+
+
+def decode_chunk(data: bytes, out_size: int, base: Reader | None) -> Iterator[bytes]:
+    """Decode one chunk into exactly ``out_size`` bytes (see module docstring).
+
+    The chunk's large streams decode on two threads while the base window is read
+    (``streams.decode_all``); ``codec/pipeline.py`` runs the jobs of several chunks instead.
+
+    Raises:
+        DeltaCorrupt, SizeExceeded, Truncated: on any inconsistency (stable codes).
+    """
+    plan = plan_chunk(data, out_size, base)
+    if len(plan.jobs) == 1:
+        yield plan.finish([plan.jobs[0]()])
+        return
+    window_job, *stream_jobs = plan.jobs
+    # The base window is read on this thread while the streams decode on the pool: the read
+    # overlaps the decompression instead of following it.
+    streams, window = decode_all(stream_jobs, plan.sizes[1:], window_job)
+    yield plan.finish([window, *streams])
+
+
+def decode_cost(data: bytes, out_size: int) -> int:
+    """An upper bound of the bytes decoding this chunk can hold, from its headers only.
+
+    The chunk's own bytes, its output, every stream's declared decoded length (a stream never
+    decodes to more) and the base window it reads (summed from a short window table, else the
+    ``2 * out_size`` limit; a prefix chunk's declared window). No decompression of the large
+    streams; a chunk whose headers do not parse is charged as a full chunk and refused by
+    the decoder later, in order.
+    """
+    out_size = min(max(out_size, 0), MAX_CHUNK_OUT)
+    base = len(data) + out_size
+    try:
+        view = memoryview(data)
+        tag = Tag(view[0])
+        if tag is Tag.FULL:
+            return base + parse_stream(view, 1, out_size)[0].raw_len
+        if tag is Tag.PREFIX:
+            _start, pos = get_uvarint(view, 1)
+            length, _pos = get_uvarint(view, pos)
+            return base + min(length, 2 * out_size)
+        nwin, pos = get_uvarint(view, 1)
+        for _ in range(2):
+            _n, pos = get_uvarint(view, pos)
+        refs = []
+        for _ in range(6):
+            ref, pos = parse_stream(view, pos, MAX_STREAM_RAW)
+            refs.append(ref)
+        window = 2 * out_size
+        if refs[0].raw_len == nwin * 12 and nwin <= _EXACT_WINDOW_MAX:
+            # A small table: sum its lengths (what _read_windows will read) rather than
+            # charging the 2 * out_size limit; the window is usually about one out_size.
+            window = min(window, sum(_uint_planes(refs[0].decode()[nwin * 8:], nwin, 4)))
+    except (BundleError, ValueError, IndexError):
+        return base + out_size
+    return base + window + sum(r.raw_len for r in refs)
+
+
+def _plan_patch(view: memoryview, out_size: int, base: Reader | None) -> ChunkPlan:
     if base is None:
         raise DeltaCorrupt("a delta chunk needs a base image")
     nwin, pos = get_uvarint(view, 1)
@@ -143,13 +225,24 @@ def _decode_patch(view: memoryview, out_size: int, base: Reader | None) -> bytes
         refs.append(ref)
     if pos != len(view):
         raise DeltaCorrupt("trailing bytes after a delta chunk")
-    # The window table first (small), then the base window is read while the other streams
-    # decode on the pool: the read overlaps the decompression instead of following it.
-    wraw = refs[0].decode()
-    if len(wraw) != nwin * 12:
-        raise DeltaCorrupt("window table of the wrong size")
-    (ctrl, zruns, nzruns, values, lit), window = decode_all(
-        refs[1:], lambda: _read_windows(wraw, nwin, out_size, base))
+
+    def window() -> bytes:
+        wraw = refs[0].decode()
+        if len(wraw) != nwin * 12:
+            raise DeltaCorrupt("window table of the wrong size")
+        return _read_windows(wraw, nwin, out_size, base)
+
+    def finish(results: Sequence[bytes]) -> bytes:
+        window, ctrl, zruns, nzruns, values, lit = results
+        return _apply(out_size, window, ctrl, ncov=ncov, zruns=zruns, nzruns=nzruns,
+                      nrun=nrun, values=values, lit=lit)
+
+    return ChunkPlan((window, *(r.decode for r in refs[1:])),
+                     tuple(len(r.payload) for r in refs), finish)
+
+
+def _apply(out_size: int, window: bytes, ctrl: bytes, *, ncov: int, zruns: bytes,
+           nzruns: bytes, nrun: int, values: bytes, lit: bytes) -> bytes:
     if len(ctrl) != ncov * 12:
         raise DeltaCorrupt("cover table of the wrong size")
     if _native is not None:

@@ -16,7 +16,7 @@ import enum
 import lzma
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -347,26 +347,28 @@ _T = TypeVar("_T")
 _PARALLEL_MIN = 64 << 10  # below this much compressed input, threads cost more than they save
 
 
-def decode_all(refs: list[StreamRef], meanwhile: Callable[[], _T]
-               ) -> tuple[list[bytes], _T]:
-    """Decode several streams of one chunk, large ones on two threads, and run ``meanwhile``.
+def decode_all(jobs: Sequence[Callable[[], bytes]], sizes: Sequence[int],
+               meanwhile: Callable[[], _T]) -> tuple[list[bytes], _T]:
+    """Run a chunk's stream decodes (``jobs``), large ones on two threads, and ``meanwhile``.
 
     The decompressors and base reads (``os.pread``) release the GIL, so a chunk's values and
     run streams decode side by side while the calling thread runs ``meanwhile`` (the base
-    window read). Returns the decoded streams in order and ``meanwhile``'s result.
+    window read). ``sizes`` are the compressed sizes, for scheduling only. Returns the decoded
+    streams in order and ``meanwhile``'s result; ``meanwhile``'s error comes first, then the
+    first failing job's in order.
     """
     global _POOL  # noqa: PLW0603 - one lazily made pool per process
-    if sum(len(r.payload) for r in refs) < _PARALLEL_MIN or (os.cpu_count() or 1) < 2:
-        decoded = [r.decode() for r in refs]
-        return decoded, meanwhile()
+    if sum(sizes) < _PARALLEL_MIN or (os.cpu_count() or 1) < 2:
+        extra = meanwhile()
+        return [job() for job in jobs], extra
     if _POOL is None:
         _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="delta-decode")
     # Largest first, so the two threads finish close together.
-    order = sorted(range(len(refs)), key=lambda i: -len(refs[i].payload))
-    futures = {i: _POOL.submit(refs[i].decode) for i in order}
+    order = sorted(range(len(jobs)), key=lambda i: -sizes[i])
+    futures = {i: _POOL.submit(jobs[i]) for i in order}
     try:
         extra = meanwhile()
     finally:
         # Every stream is waited for (even when ``meanwhile`` failed): none outlives the call.
         wait(futures.values())
-    return [futures[i].result() for i in range(len(refs))], extra
+    return [futures[i].result() for i in range(len(jobs))], extra

@@ -410,7 +410,9 @@ def test_streams_decode_while_the_window_is_read() -> None:
     for raw in raws:
         enc = encode_stream(raw, StreamOptions(zstd_max_raw=0, lzma_lclppb=((0, 0, 0),)))
         refs.append(parse_stream(enc, 0, len(raw))[0])
-    decoded, extra = decode_all(refs, lambda: b"window")
+    jobs = [r.decode for r in refs]
+    sizes = [len(r.payload) for r in refs]
+    decoded, extra = decode_all(jobs, sizes, lambda: b"window")
     assert decoded == raws
     assert extra == b"window"
 
@@ -418,14 +420,14 @@ def test_streams_decode_while_the_window_is_read() -> None:
         raise DeltaCorrupt("base image too short for this delta")
 
     with pytest.raises(DeltaCorrupt, match="too short"):
-        decode_all(refs, failing_read)
+        decode_all(jobs, sizes, failing_read)
     # The zero stream is a few LZMA bytes: a flipped byte in it cannot decode to 300,000 zeros.
     bad = bytearray(encode_stream(raws[1], StreamOptions(zstd_max_raw=0,
                                                          lzma_lclppb=((0, 0, 0),))))
     bad[len(bad) // 2 + 4] ^= 0xFF
-    refs[1] = parse_stream(bytes(bad), 0, len(raws[1]))[0]
+    jobs[1] = parse_stream(bytes(bad), 0, len(raws[1]))[0].decode
     with pytest.raises(BundleRejected):
-        decode_all(refs, lambda: b"window")
+        decode_all(jobs, sizes, lambda: b"window")
 
 
 def _rewritten_pair(seed: int, size: int) -> tuple[bytes, bytes]:
