@@ -16,6 +16,7 @@ from simulator.netns import sh, shaped_netns
 __all__ = [
     "MemoryChunks",
     "NullInbox",
+    "StoreChunks",
     "cpu_seconds",
     "iface_bytes",
     "sh",
@@ -64,6 +65,26 @@ class MemoryChunks:
 
     def site_of(self, device_id: str) -> str | None:
         return self.site
+
+
+class StoreChunks(MemoryChunks):
+    """The same chunks, read back from a real ``ChunkStore`` on every request.
+
+    What the controller's ``ReleaseStore.resolve_chunk`` does per served chunk: open, read and
+    re-hash the chunk file (the store re-verifies every read).
+    """
+
+    def __init__(self, root: Path, bundle_id: str, n: int, size: int) -> None:
+        from firmware_bundles.chunkstore import ChunkStore
+
+        super().__init__(bundle_id, n, size)
+        self.store = ChunkStore(root)
+        self.digests = [self.store.put(d) for d in self.data]
+
+    def resolve_chunk(self, device_id: str, bundle_id: str, index: int) -> bytes | None:
+        if bundle_id != self.bundle_id or index >= len(self.digests):
+            return None
+        return self.store.get(self.digests[index])
 
 
 class NullInbox:
