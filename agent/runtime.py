@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import inspect
 import logging
 from collections import deque
@@ -92,6 +93,7 @@ from agent.core.states import (
     Result,
     SlotInfo,
 )
+from agent.decode_ahead import DecodeAhead
 from agent.errors import ActiveSlotWrite, AgentError, BootEnvError, JournalError
 from agent.journal import decode, encode
 from agent.ports import (
@@ -303,6 +305,7 @@ class Agent:
         self._download_task: asyncio.Task[None] | None = None
         self.events: deque[Mapping[str, Any]] = deque(maxlen=200)
         self._disk: ThreadPoolExecutor | None = None
+        self._ahead = DecodeAhead()
         self._failure: BaseException | None = None
         self.started = False
 
@@ -377,6 +380,7 @@ class Agent:
 
     def close(self) -> None:
         """Release the disk thread (``run`` does this; call it after ``start``/``install``)."""
+        self._ahead.clear()
         if self._disk is not None:
             self._disk.shutdown(wait=False)
             self._disk = None
@@ -552,20 +556,34 @@ class Agent:
                 self._source = self._transport_source(fetch.bundle_id)
             failed: Event | None = None
             chunks = aiter(self._source.fetch(fetch.start, fetch.count))
-            while True:
-                try:
-                    index, data = await anext(chunks)
-                except StopAsyncIteration:
-                    break
-                except BundleError as e:
-                    failed = FetchFailed(e.code, str(e))
-                    break
-                except Exception as e:  # any source failure is a transfer failure, by design
-                    failed = FetchFailed("transfer.error", f"{type(e).__name__}: {e}")
-                    break
-                await self._feed(ChunkFetched(index, data))
-                if self._fetch is not None or self.state.phase is not Phase.DOWNLOADING:
-                    break  # restarted (bad chunk) or finished/failed
+            # A local file (offline install): chunk k+1 is read and decoded ahead while chunk k
+            # is written (agent/decode_ahead.py). The network path keeps one chunk at a time.
+            local = self._decoder is None and not getattr(self._source, "retryable", True)
+            base = await self._io(self._ahead_base) if local else None
+            pull: asyncio.Future[tuple[int, bytes]] | None = None
+            try:
+                while True:
+                    try:
+                        index, data = await (pull or anext(chunks))
+                    except StopAsyncIteration:
+                        break
+                    except BundleError as e:
+                        failed = FetchFailed(e.code, str(e))
+                        break
+                    except Exception as e:  # any source failure is a transfer failure, by design
+                        failed = FetchFailed("transfer.error", f"{type(e).__name__}: {e}")
+                        break
+                    if local:
+                        pull = asyncio.ensure_future(self._pull_ahead(chunks, base))
+                    await self._feed(ChunkFetched(index, data))
+                    if self._fetch is not None or self.state.phase is not Phase.DOWNLOADING:
+                        break  # restarted (bad chunk) or finished/failed
+            finally:
+                if pull is not None:  # a local read: let it end rather than cut it mid-read
+                    with contextlib.suppress(BaseException):
+                        await pull
+                if local:
+                    await asyncio.to_thread(self._ahead.clear)
             with contextlib.suppress(Exception):
                 await chunks.aclose()  # type: ignore[attr-defined]
             if self._reboot_requested:
@@ -584,6 +602,33 @@ class Agent:
                 await self._feed(failed)
             elif self._fetch is None and self.state.phase is Phase.DOWNLOADING:
                 await self._feed(FetchFailed("bundle.truncated", "the source ended early"))
+
+    def _ahead_base(self) -> _SlotBase | None:
+        """The base reader for decoding ahead; on the disk thread, so the slot opens here once."""
+        u = self.state.update
+        if u is None or u.plan.kind is not PayloadKind.DELTA or u.plan.base_slot is None:
+            return None
+        slot = u.plan.base_slot
+        base = _SlotBase(self.slots, slot, self.state.slot(slot).size or self.slots.size(slot))
+        self.slots.read(slot, 0, 0)  # opens the handle before another thread reads it
+        return base
+
+    async def _pull_ahead(self, chunks: AsyncIterator[tuple[int, bytes]],
+                          base: _SlotBase | None) -> tuple[int, bytes]:
+        """The next chunk from the source, offered for decoding ahead if its digest matches."""
+        index, data = await anext(chunks)
+        u = self.state.update
+        if u is not None and 0 <= index < len(u.plan.chunks):
+            entry = u.plan.chunks[index]
+            kind_ok = u.plan.kind is not PayloadKind.DELTA or base is not None
+
+            def offer() -> None:
+                # design: only bytes the core will accept are decoded (same digest check)
+                if kind_ok and hashlib.sha256(data).hexdigest() == entry.sha256:
+                    self._ahead.offer(index, data, entry.out_size, base)
+
+            await asyncio.to_thread(offer)
+        return index, data
 
     async def _feed(self, event: Event) -> None:
         if self._reboot_requested:
@@ -686,7 +731,9 @@ class Agent:
         offset = cmd.chunk.offset
         end = offset + cmd.chunk.out_size
         try:
-            for piece in decoder(cmd.data, cmd.chunk.out_size, base):
+            ahead = self._ahead.take(cmd.chunk.index, cmd.data) if self._decoder is None else None
+            pieces = [ahead] if ahead is not None else decoder(cmd.data, cmd.chunk.out_size, base)
+            for piece in pieces:
                 if offset + len(piece) > end:
                     return _Failure(WriteFailed("bundle.size_exceeded", "chunk decodes too long"))
                 self._guard.write(cmd.slot, offset, piece)
