@@ -29,17 +29,20 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from firmware_bundles.codec.chunk import decode_chunk, decode_cost
-
 __all__ = ["AHEAD_BUDGET", "DecodeAhead"]
 
-# One 4 MiB chunk is charged 8-12 MiB on the corpus: one chunk ahead at most. The daemon's
-# 1 GiB apply peaks at 52-55 MiB with a 64 MiB target (docs/benchmarks.md), so no more.
+# One 4 MiB chunk is charged 8-12 MiB on the corpus: one chunk ahead at most. Measured on the
+# offline installer (1 GiB full image): 54 -> 66 MiB peak, 14.2 -> 10.1 s; so the agent keeps
+# it off unless ``AgentConfig.decode_ahead`` is set (a device with memory to spare).
 AHEAD_BUDGET = 16 << 20
 
 
 def _decode(data: bytes, out_size: int, base: Any) -> bytes:
-    return b"".join(decode_chunk(data, out_size, base))
+    from firmware_bundles.codec.chunk import decode_chunk  # noqa: PLC0415 - see offer()
+
+    pieces = list(decode_chunk(data, out_size, base))
+    # One piece (always, today): handed on as is, not copied by a join.
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
 class DecodeAhead:
@@ -54,6 +57,11 @@ class DecodeAhead:
 
     def offer(self, index: int, data: bytes, out_size: int, base: Any) -> bool:
         """Start decoding chunk ``index`` (digest already checked) if the budget allows."""
+        # The codec loads on first use: an idle daemon never imports it.
+        from firmware_bundles.codec.chunk import decode_cost  # noqa: PLC0415
+        from firmware_bundles.codec.pipeline import return_freed_buffers  # noqa: PLC0415
+
+        return_freed_buffers()  # chunk buffers go back to the OS when freed, not to arenas
         cost = decode_cost(data, out_size)
         with self._lock:
             if index in self._queued or self._charged + cost > self._budget:

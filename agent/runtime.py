@@ -167,6 +167,10 @@ class AgentConfig:
     retry_base: float = 1.0  # seconds before the first fetch retry (doubles, capped)
     retry_cap: float = 60.0
     component: str = "rootfs"  # what releases for this device are called (state ``versions``)
+    # Bytes charged to chunks decoded ahead on local-file installs (agent/decode_ahead.py);
+    # 0 = off. Off by default: with 4 MiB chunks it adds ~12 MiB to the offline installer's
+    # 54 MiB peak on a 1 GiB image, past the 64 MiB target (docs/delta-codec.md).
+    decode_ahead: int = 0
 
 
 class MemorySource:
@@ -305,7 +309,7 @@ class Agent:
         self._download_task: asyncio.Task[None] | None = None
         self.events: deque[Mapping[str, Any]] = deque(maxlen=200)
         self._disk: ThreadPoolExecutor | None = None
-        self._ahead = DecodeAhead()
+        self._ahead = DecodeAhead(budget=config.decode_ahead)
         self._failure: BaseException | None = None
         self.started = False
 
@@ -558,7 +562,8 @@ class Agent:
             chunks = aiter(self._source.fetch(fetch.start, fetch.count))
             # A local file (offline install): chunk k+1 is read and decoded ahead while chunk k
             # is written (agent/decode_ahead.py). The network path keeps one chunk at a time.
-            local = self._decoder is None and not getattr(self._source, "retryable", True)
+            local = (self.config.decode_ahead > 0 and self._decoder is None
+                     and not getattr(self._source, "retryable", True))
             base = await self._io(self._ahead_base) if local else None
             pull: asyncio.Future[tuple[int, bytes]] | None = None
             try:
@@ -605,6 +610,9 @@ class Agent:
 
     def _ahead_base(self) -> _SlotBase | None:
         """The base reader for decoding ahead; on the disk thread, so the slot opens here once."""
+        from firmware_bundles.codec.pipeline import return_freed_buffers  # noqa: PLC0415
+
+        return_freed_buffers()  # before the first chunk buffer: none ends up in an arena
         u = self.state.update
         if u is None or u.plan.kind is not PayloadKind.DELTA or u.plan.base_slot is None:
             return None

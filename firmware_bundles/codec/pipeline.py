@@ -38,13 +38,14 @@ from concurrent.futures import ThreadPoolExecutor
 from firmware_bundles.codec.chunk import (
     ChunkPlan,
     Reader,
+    as_output,
     decode_chunk,
     decode_cost,
     plan_chunk,
 )
 from firmware_bundles.errors import BundleError
 
-__all__ = ["DEFAULT_BUDGET", "DEFAULT_WORKERS", "decode_chunks"]
+__all__ = ["DEFAULT_BUDGET", "DEFAULT_WORKERS", "decode_chunks", "return_freed_buffers"]
 
 # Charged bytes in flight. With the default 4 MiB chunks a chunk is charged about 14-18 MiB
 # (output, twice that of base window, its streams and bytes), so two chunks decode while the
@@ -65,7 +66,7 @@ _MMAP_THRESHOLD = 256 << 10
 _malloc_tuned = False
 
 
-def _return_freed_buffers() -> None:
+def return_freed_buffers() -> None:
     """Pin glibc's mmap threshold so each chunk's multi-MiB buffers go back to the OS when freed.
 
     glibc raises the threshold to the size of the first large buffer freed (up to 32 MiB); after
@@ -106,7 +107,7 @@ class _Submitted:
 
     def result(self) -> bytes:
         # In job order: the same error as the serial decoder, however the jobs ran.
-        return self.finish([f.result() for f in self.futures])
+        return as_output(self.finish([f.result() for f in self.futures]))
 
     def cancel(self) -> None:
         for f in self.futures:
@@ -129,7 +130,7 @@ def decode_chunks(chunks: Iterable[tuple[bytes, int]], base: Reader | None, *,
             after every output before it has been yielded.
         Whatever ``chunks`` raises, at the same position.
     """
-    _return_freed_buffers()
+    return_freed_buffers()
     if workers <= 0:
         for data, out_size in chunks:
             pieces = list(decode_chunk(data, out_size, base))

@@ -18,6 +18,7 @@ from agent_device import ENV, SLOT_B, Bundle, Device, derived, image, make_bundl
 from agent.adapters.bootenv import RedundantEnv, SimBootloader
 from agent.adapters.faultfs import PowerCut
 from agent.core.states import ChunkSpec, Phase
+from agent.decode_ahead import AHEAD_BUDGET, DecodeAhead
 from agent.runtime import Agent, MemorySource
 from firmware_bundles.codec.chunk import Tag
 from firmware_bundles.codec.streams import StreamOptions, decode_stream, encode_stream, get_uvarint
@@ -58,9 +59,16 @@ def _resigned(bundle: Bundle, chunks: list[bytes]) -> Bundle:
     return Bundle(dataclasses.replace(bundle.release, chunks=specs), tuple(chunks), bundle.image)
 
 
-async def _install(dev: Device, bundle: Bundle) -> Agent:
+def _agent(dev: Device) -> Agent:
     slot = SimBootloader(RedundantEnv(ENV, fs=dev.fs)).boot()
     agent = dev.agent(slot, {}, "good")
+    agent.config = dataclasses.replace(agent.config, decode_ahead=AHEAD_BUDGET)
+    agent._ahead = DecodeAhead(budget=AHEAD_BUDGET)
+    return agent
+
+
+async def _install(dev: Device, bundle: Bundle) -> Agent:
+    agent = _agent(dev)
     await agent.start()
     await agent.wait_download()
     await agent.install(bundle.release, LocalSource(bundle.chunks))
@@ -74,6 +82,30 @@ def _device() -> Device:
     return dev
 
 
+def test_decode_ahead_is_off_by_default() -> None:
+    bundle = make_bundle(NEW, version="2.0", base=OLD)
+    dev = _device()
+
+    async def run() -> tuple[Agent, list[str]]:
+        slot = SimBootloader(RedundantEnv(ENV, fs=dev.fs)).boot()
+        agent = dev.agent(slot, {}, "good")
+        seen: list[str] = []
+        offer = agent._ahead.offer
+
+        def spy(*args: object) -> bool:
+            seen.append("offer")
+            return offer(*args)  # type: ignore[arg-type]
+
+        agent._ahead.offer = spy  # type: ignore[method-assign]
+        await agent.start()
+        await agent.install(bundle.release, LocalSource(bundle.chunks))
+        return agent, seen
+
+    agent, seen = asyncio.run(run())
+    assert agent.state.phase is Phase.STAGED
+    assert seen == []
+
+
 def test_local_delta_install_decodes_ahead_and_stages() -> None:
     bundle = make_bundle(NEW, version="2.0", base=OLD)
     assert len(bundle.chunks) >= 4
@@ -81,8 +113,7 @@ def test_local_delta_install_decodes_ahead_and_stages() -> None:
     taken: list[int] = []
 
     async def run() -> Agent:
-        slot = SimBootloader(RedundantEnv(ENV, fs=dev.fs)).boot()
-        agent = dev.agent(slot, {}, "good")
+        agent = _agent(dev)
         take = agent._ahead.take
 
         def spy(index: int, data: bytes) -> bytes | None:
