@@ -31,11 +31,10 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Protocol
 
 from firmware_bundles.codec.streams import (
     MAX_STREAM_RAW,
-    Raw,
     decode_all,
     decode_prefixed,
     get_uvarint,
@@ -83,7 +82,7 @@ def planes(values: np.ndarray, width: int) -> bytes:
     return arr.view(np.uint8).reshape(-1, width).T.tobytes()
 
 
-def unplanes(raw: Raw, count: int, width: int) -> np.ndarray:
+def unplanes(raw: bytes, count: int, width: int) -> np.ndarray:
     """Inverse of :func:`planes`; returns uint64."""
     import numpy as np  # noqa: PLC0415 - see the TYPE_CHECKING import
     arr = np.frombuffer(raw, dtype=np.uint8).reshape(width, count).T.copy()
@@ -114,9 +113,9 @@ class ChunkPlan:
     error however its jobs were scheduled.
     """
 
-    jobs: tuple[Callable[[], Raw], ...]
+    jobs: tuple[Callable[[], bytes], ...]
     sizes: tuple[int, ...]  # input bytes of each job: larger ones are started first
-    finish: Callable[[Sequence[Raw]], Raw]
+    finish: Callable[[Sequence[bytes]], bytes]
 
 
 def plan_chunk(data: bytes, out_size: int, base: Reader | None) -> ChunkPlan:
@@ -138,7 +137,7 @@ def plan_chunk(data: bytes, out_size: int, base: Reader | None) -> ChunkPlan:
     if tag is Tag.FULL:
         ref, end = parse_stream(view, 1, out_size)
 
-        def full(results: Sequence[Raw]) -> Raw:
+        def full(results: Sequence[bytes]) -> bytes:
             if end != len(view):
                 raise DeltaCorrupt("trailing bytes after a full chunk")
             if len(results[0]) != out_size:
@@ -151,17 +150,7 @@ def plan_chunk(data: bytes, out_size: int, base: Reader | None) -> ChunkPlan:
     return ChunkPlan((lambda: _decode_prefix(view, out_size, base),), (len(view),), _only)
 
 
-def as_output(out: Raw) -> bytes:
-    """A chunk's output as the ``bytes`` the API promises, without copying it.
-
-    A full chunk's output is its stream, decoded in place into a ``bytearray`` that nothing
-    writes to afterwards; readers (``write``, hashing, ``len``, comparison) take it as they
-    take ``bytes``, and ``bytes(out)`` would hold the chunk twice at the apply's peak.
-    """
-    return cast("bytes", out)
-
-
-def _only(results: Sequence[Raw]) -> Raw:
+def _only(results: Sequence[bytes]) -> bytes:
     return results[0]
 
 
@@ -176,13 +165,13 @@ def decode_chunk(data: bytes, out_size: int, base: Reader | None) -> Iterator[by
     """
     plan = plan_chunk(data, out_size, base)
     if len(plan.jobs) == 1:
-        yield as_output(plan.finish([plan.jobs[0]()]))
+        yield plan.finish([plan.jobs[0]()])
         return
     window_job, *stream_jobs = plan.jobs
     # The base window is read on this thread while the streams decode on the pool: the read
     # overlaps the decompression instead of following it.
     streams, window = decode_all(stream_jobs, plan.sizes[1:], window_job)
-    yield as_output(plan.finish([window, *streams]))
+    yield plan.finish([window, *streams])
 
 
 def decode_cost(data: bytes, out_size: int) -> int:
@@ -237,13 +226,13 @@ def _plan_patch(view: memoryview, out_size: int, base: Reader | None) -> ChunkPl
     if pos != len(view):
         raise DeltaCorrupt("trailing bytes after a delta chunk")
 
-    def window() -> Raw:
+    def window() -> bytes:
         wraw = refs[0].decode()
         if len(wraw) != nwin * 12:
             raise DeltaCorrupt("window table of the wrong size")
         return _read_windows(wraw, nwin, out_size, base)
 
-    def finish(results: Sequence[Raw]) -> Raw:
+    def finish(results: Sequence[bytes]) -> bytes:
         window, ctrl, zruns, nzruns, values, lit = results
         return _apply(out_size, window, ctrl, ncov=ncov, zruns=zruns, nzruns=nzruns,
                       nrun=nrun, values=values, lit=lit)
@@ -252,8 +241,8 @@ def _plan_patch(view: memoryview, out_size: int, base: Reader | None) -> ChunkPl
                      tuple(len(r.payload) for r in refs), finish)
 
 
-def _apply(out_size: int, window: Raw, ctrl: Raw, *, ncov: int, zruns: Raw,
-           nzruns: Raw, nrun: int, values: Raw, lit: Raw) -> bytes:
+def _apply(out_size: int, window: bytes, ctrl: bytes, *, ncov: int, zruns: bytes,
+           nzruns: bytes, nrun: int, values: bytes, lit: bytes) -> bytes:
     if len(ctrl) != ncov * 12:
         raise DeltaCorrupt("cover table of the wrong size")
     if _native is not None:
@@ -282,7 +271,7 @@ def _decode_prefix(view: memoryview, out_size: int, base: Reader | None) -> byte
     return decode_prefixed(view[pos:], window, out_size)
 
 
-def _read_windows(wraw: Raw, nwin: int, out_size: int, base: Reader) -> bytes:
+def _read_windows(wraw: bytes, nwin: int, out_size: int, base: Reader) -> bytes:
     """Read the chunk's base ranges into one buffer (at most ``2 * out_size`` bytes).
 
     Plain Python, not numpy: the table is small and this is the only numpy use on the path
@@ -312,13 +301,13 @@ def _read_windows(wraw: Raw, nwin: int, out_size: int, base: Reader) -> bytes:
     return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
-def _uint_planes(raw: Raw, count: int, width: int) -> list[int]:
+def _uint_planes(raw: bytes, count: int, width: int) -> list[int]:
     """Inverse of :func:`planes` as Python ints (``raw`` holds exactly ``count * width``)."""
     rows = zip(*(raw[j * count:(j + 1) * count] for j in range(width)), strict=True)
     return [int.from_bytes(bytes(row), "little") for row in rows]
 
 
-def decode_uvarints(raw: Raw, count: int) -> np.ndarray:
+def decode_uvarints(raw: bytes, count: int) -> np.ndarray:
     """``count`` unsigned LEB128 numbers filling ``raw`` exactly (vectorised)."""
     import numpy as np  # noqa: PLC0415 - see the TYPE_CHECKING import
     b = np.frombuffer(raw, np.uint8)
@@ -336,8 +325,8 @@ def decode_uvarints(raw: Raw, count: int) -> np.ndarray:
     return np.add.reduceat(parts, starts).astype(np.int64)
 
 
-def _apply_numpy(window: np.ndarray, ctrl: Raw, ncov: int, *, zruns: Raw, nzruns: Raw,
-                 nrun: int, values: Raw, lit: Raw, out_size: int) -> bytes:
+def _apply_numpy(window: np.ndarray, ctrl: bytes, ncov: int, *, zruns: bytes, nzruns: bytes,
+                 nrun: int, values: bytes, lit: bytes, out_size: int) -> bytes:
     """Fallback when the C helper is not built: same checks, vectorised, more memory."""
     import numpy as np  # noqa: PLC0415 - see the TYPE_CHECKING import
     gaps = unplanes(ctrl[: ncov * 4], ncov, 4).astype(np.int64)

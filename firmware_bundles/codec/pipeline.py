@@ -38,7 +38,6 @@ from concurrent.futures import ThreadPoolExecutor
 from firmware_bundles.codec.chunk import (
     ChunkPlan,
     Reader,
-    as_output,
     decode_chunk,
     decode_cost,
     plan_chunk,
@@ -107,7 +106,7 @@ class _Submitted:
 
     def result(self) -> bytes:
         # In job order: the same error as the serial decoder, however the jobs ran.
-        return as_output(self.finish([f.result() for f in self.futures]))
+        return self.finish([f.result() for f in self.futures])
 
     def cancel(self) -> None:
         for f in self.futures:

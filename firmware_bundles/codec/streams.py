@@ -42,7 +42,7 @@ else:
 
 from firmware_bundles.errors import DeltaCorrupt, SizeExceeded, Truncated
 
-__all__ = ["Codec", "Raw", "StreamOptions", "StreamRef", "ZstdCompressor", "decode_all",
+__all__ = ["Codec", "StreamOptions", "StreamRef", "ZstdCompressor", "decode_all",
            "decode_prefixed", "decode_stream", "encode_prefixed", "encode_stream",
            "get_uvarint", "lzma_variants", "parse_stream", "put_uvarint"]
 
@@ -210,15 +210,7 @@ def encode_streams(raws: Iterable[bytes], opts: StreamOptions | None = None) -> 
     return b"".join(encode_stream(r, opts) for r in raws)
 
 
-# Streams larger than this decode in pieces of this size into one preallocated buffer: the
-# decompressors' own output is built in blocks and joined at the end, which briefly holds the
-# stream twice (8 MiB for a 4 MiB chunk), and that transient sets the apply's peak RSS.
-_PIECE = 1 << 20
-# A decoded stream: bytes, or a bytearray filled in place that nothing writes to afterwards.
-Raw = bytes | bytearray
-
-
-def _decompress(codec: Codec, payload: memoryview, raw_len: int, props: int) -> Raw:
+def _decompress(codec: Codec, payload: memoryview, raw_len: int, props: int) -> bytes:
     try:
         dec: ZstdDecompressor | lzma.LZMADecompressor
         if codec is Codec.ZSTD:
@@ -229,46 +221,19 @@ def _decompress(codec: Codec, payload: memoryview, raw_len: int, props: int) -> 
                 raise DeltaCorrupt("bad LZMA properties")
             dec = lzma.LZMADecompressor(
                 format=lzma.FORMAT_RAW, filters=_lzma_filters(codec, raw_len, props))
-        out: Raw
-        if raw_len <= _PIECE:
-            # max_length bounds the output: a bomb stops at raw_len + 1 bytes.
-            out = dec.decompress(bytes(payload), max_length=raw_len + 1)
-            got = len(out)
-        else:
-            out, got = _decompress_pieces(dec, payload, raw_len)
+        # max_length bounds the output: a bomb stops at raw_len + 1 bytes.
+        out: bytes = dec.decompress(bytes(payload), max_length=raw_len + 1)
     except (ZstdError, lzma.LZMAError) as e:
         raise DeltaCorrupt(f"stream does not decompress: {e}") from e
-    if got > raw_len:
+    if len(out) > raw_len:
         raise SizeExceeded("stream decodes to more bytes than it declares")
-    if got < raw_len:
+    if len(out) < raw_len:
         raise DeltaCorrupt("stream decodes to fewer bytes than it declares")
     if codec is Codec.ZSTD and not dec.eof:
         raise DeltaCorrupt("zstd frame does not end where the stream does")
     if dec.unused_data:
         raise DeltaCorrupt("trailing bytes after a compressed stream")
     return out
-
-
-def _decompress_pieces(dec: ZstdDecompressor | lzma.LZMADecompressor, payload: memoryview,
-                       raw_len: int) -> tuple[bytearray, int]:
-    """Decode into one ``raw_len`` buffer, ``_PIECE`` at a time; returns (buffer, bytes seen).
-
-    A stream producing more than ``raw_len`` stops within one piece past it (bytes seen
-    then exceeds ``raw_len``): a bomb is bounded as with ``max_length``.
-    """
-    buf = bytearray(raw_len)
-    got = 0
-    piece: bytes = dec.decompress(bytes(payload), max_length=_PIECE)
-    while piece:
-        end = got + len(piece)
-        if end > raw_len:
-            return buf, end
-        buf[got:end] = piece
-        got = end
-        if dec.eof:
-            break
-        piece = dec.decompress(b"", max_length=_PIECE)
-    return buf, got
 
 
 @dataclass(frozen=True)
@@ -280,11 +245,8 @@ class StreamRef:
     props: int
     payload: memoryview
 
-    def decode(self) -> Raw:
-        """Decompress to exactly ``raw_len`` bytes (errors as in :func:`decode_stream`).
-
-        Streams over 1 MiB come back as a ``bytearray`` (decoded in place, see ``_PIECE``).
-        """
+    def decode(self) -> bytes:
+        """Decompress to exactly ``raw_len`` bytes (errors as in :func:`decode_stream`)."""
         if self.codec is Codec.RAW:
             return bytes(self.payload)
         return _decompress(self.codec, self.payload, self.raw_len, self.props)
@@ -325,7 +287,7 @@ def parse_stream(data: bytes | memoryview, pos: int, max_raw: int) -> tuple[Stre
     return StreamRef(codec, raw_len, props, view[pos:end]), end
 
 
-def decode_stream(data: bytes | memoryview, pos: int, max_raw: int) -> tuple[Raw, int]:
+def decode_stream(data: bytes | memoryview, pos: int, max_raw: int) -> tuple[bytes, int]:
     """Decode the stream at ``pos``; return (raw bytes, next position).
 
     Raises:
@@ -385,8 +347,8 @@ _T = TypeVar("_T")
 _PARALLEL_MIN = 64 << 10  # below this much compressed input, threads cost more than they save
 
 
-def decode_all(jobs: Sequence[Callable[[], Raw]], sizes: Sequence[int],
-               meanwhile: Callable[[], _T]) -> tuple[list[Raw], _T]:
+def decode_all(jobs: Sequence[Callable[[], bytes]], sizes: Sequence[int],
+               meanwhile: Callable[[], _T]) -> tuple[list[bytes], _T]:
     """Run a chunk's stream decodes (``jobs``), large ones on two threads, and ``meanwhile``.
 
     The decompressors and base reads (``os.pread``) release the GIL, so a chunk's values and
