@@ -19,6 +19,9 @@ Rules:
   signed by the command role and names the release manifest's digest. A device whose active
   digest matches no base gets the release's own payload (full image fallback); a device for
   which no payload fits is marked failed with ``controller.no_payload`` and not commanded.
+* Serving a chunk: the device's offer is checked first (its payload's chunk table gives the
+  digest), then the bytes come from the store's verified-chunk LRU (``chunk_cache_bytes``,
+  keyed by digest) or are read and re-verified from disk.
 * Commands are signed with the command key (``<data-dir>/keys/command.key``).
 """
 
@@ -109,7 +112,11 @@ class ReleaseStore:
 
     def __init__(self, svc: ControllerService) -> None:
         self.svc = svc
-        self.store = ChunkStore(svc.config.data_dir / "chunks")
+        # Cache hits are still served only after ``resolve_chunk``'s offer check picked the
+        # digest; keyed by digest, since one bundle id maps to different deltas per base.
+        self.store = ChunkStore(
+            svc.config.data_dir / "chunks", cache_bytes=svc.config.chunk_cache_bytes
+        )
         self.image_dir = svc.config.data_dir / "images"
         self.image_dir.mkdir(parents=True, exist_ok=True)
         self._key: Any = None
@@ -531,8 +538,9 @@ class ReleaseStore:
             return None
         try:
             return self.store.get(table[index])
-        except (FileNotFoundError, DigestMismatch):
-            # A rotten chunk file is deleted by the store; never serve it.
+        except (KeyError, DigestMismatch):
+            # A rotten chunk file is deleted by the store (a missing one raises KeyError, which
+            # used to escape to the chunk server's catch-all); never serve it.
             return None
         except BundleError:
             return None

@@ -68,6 +68,8 @@ class ControllerConfig:
     command_ttl_seconds: int = 24 * 3600
     cert_days: int = 825
     health_metric: str = "errors"
+    # Verified chunks kept in memory for serving (controller/releases.py); 0 turns it off.
+    chunk_cache_bytes: int = 64 * 1024**2
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,14 @@ fetched). Rules:
   leaves either the whole chunk or nothing under its name;
 * ``get`` re-hashes what it read (a disk can rot, a relay's disk is not trusted) and, on a
   mismatch, deletes the bad file and raises ``DigestMismatch`` so the caller refetches;
-* the store keeps a running byte count (``usage``), computed once at open.
+* the store keeps a running byte count (``usage``), computed once at open;
+* ``get`` reads a chunk with one ``read`` of the file's ``fstat`` size (a ``read(max + 1)``
+  allocated a 4 MiB buffer per 64 KiB chunk); a file larger than ``max_chunk_size`` is refused;
+* with ``cache_bytes > 0`` the store keeps recently read chunks in an LRU bounded in bytes,
+  keyed by digest, filled only with bytes that were just verified against their name (a hit is
+  served without reading or hashing the file again; ``remove`` evicts). The key is the content's
+  own digest, so a hit can never be another chunk's bytes; deciding *which* digest a caller may
+  read (authorization) stays with the caller.
 
     store = ChunkStore(Path("/var/lib/slotline/chunks"))
     digest = store.put(data)
@@ -24,6 +31,7 @@ import hashlib
 import os
 import tempfile
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,11 +44,18 @@ from firmware_bundles.manifest import MAX_CHUNK_SIZE
 class ChunkStore:
     """Chunks on disk by SHA-256; safe for several threads of one process."""
 
-    def __init__(self, root: Path, *, max_chunk_size: int = MAX_CHUNK_SIZE) -> None:
+    def __init__(
+        self, root: Path, *, max_chunk_size: int = MAX_CHUNK_SIZE, cache_bytes: int = 0
+    ) -> None:
         self.root = Path(root)
         self.max_chunk_size = max_chunk_size
+        self.cache_bytes = max(0, cache_bytes)
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._cache: OrderedDict[str, bytes] = OrderedDict()
+        self._cached = 0  # bytes held by ``_cache``
+        self.cache_hits = 0
+        self.cache_misses = 0
         self._usage = sum(p.stat().st_size for p in self._files())
         self._count = sum(1 for _ in self._files())
 
@@ -107,20 +122,59 @@ class ChunkStore:
             DigestMismatch: the stored bytes rotted (the file is removed).
         """
         path = self.path(digest)
+        if self.cache_bytes:
+            with self._lock:
+                hit = self._cache.get(digest)
+                if hit is not None:
+                    self._cache.move_to_end(digest)
+                    self.cache_hits += 1
+                    return hit
+                self.cache_misses += 1
         try:
             with path.open("rb") as f:
-                data = f.read(self.max_chunk_size + 1)
+                size = os.fstat(f.fileno()).st_size
+                data = f.read(size) if size <= self.max_chunk_size else b""
         except FileNotFoundError:
             raise KeyError(digest) from None
-        if len(data) > self.max_chunk_size or hashlib.sha256(data).hexdigest() != digest:
+        if (
+            size > self.max_chunk_size
+            or len(data) != size
+            or hashlib.sha256(data).hexdigest() != digest
+        ):
             self.remove(digest)
             raise DigestMismatch(f"stored chunk {digest[:16]} is corrupt; removed")
+        if self.cache_bytes:
+            self._remember(digest, data)
         return data
+
+    def _remember(self, digest: str, data: bytes) -> None:
+        if len(data) > self.cache_bytes:
+            return
+        with self._lock:
+            if digest in self._cache:
+                return
+            self._cache[digest] = data
+            self._cached += len(data)
+            while self._cached > self.cache_bytes:
+                _, old = self._cache.popitem(last=False)
+                self._cached -= len(old)
+
+    def _forget(self, digest: str) -> None:
+        # Caller holds ``_lock``.
+        old = self._cache.pop(digest, None)
+        if old is not None:
+            self._cached -= len(old)
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes held by the verified-chunk cache (at most ``cache_bytes``)."""
+        return self._cached
 
     def remove(self, digest: str) -> bool:
         """Delete a chunk; returns whether it existed."""
         path = self.path(digest)
         with self._lock:
+            self._forget(digest)
             try:
                 size = path.stat().st_size
                 path.unlink()
