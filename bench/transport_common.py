@@ -70,15 +70,16 @@ class MemoryChunks:
 class StoreChunks(MemoryChunks):
     """The same chunks, read back from a real ``ChunkStore`` on every request.
 
-    What the controller's ``ReleaseStore.resolve_chunk`` does per served chunk: open, read and
-    re-hash the chunk file (the store re-verifies every read).
+    What the controller's ``ReleaseStore.resolve_chunk`` does per served chunk: a hit in the
+    store's verified-chunk LRU (``cache_bytes``, the controller's default 64 MiB), else open,
+    read and re-hash the chunk file.
     """
 
-    def __init__(self, root: Path, bundle_id: str, n: int, size: int) -> None:
+    def __init__(self, root: Path, bundle_id: str, n: int, size: int, cache_bytes: int = 0) -> None:
         from firmware_bundles.chunkstore import ChunkStore
 
         super().__init__(bundle_id, n, size)
-        self.store = ChunkStore(root)
+        self.store = ChunkStore(root, cache_bytes=cache_bytes)
         self.digests = [self.store.put(d) for d in self.data]
 
     def resolve_chunk(self, device_id: str, bundle_id: str, index: int) -> bytes | None:

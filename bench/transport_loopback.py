@@ -1,7 +1,7 @@
 """Transport benchmarks on loopback: chunk serving vs raw Mosquitto, flood, resume.
 
     .venv/bin/python -m bench.transport_loopback serving [--devices 100 --chunks 20 --size 65536]
-        [--rounds 3 --device-procs 1 --source memory|store]
+        [--rounds 3 --device-procs 1 --source memory|store --cache-mib 64]
     .venv/bin/python -m bench.transport_loopback flood [--healthy 20 --seconds 10]
     .venv/bin/python -m bench.transport_loopback resume [--cuts 5]
 
@@ -204,8 +204,8 @@ def _raw_phase(broker, args, shares) -> tuple[float, dict[str, float]]:
     return raw["n"] * args.size / (raw["last"] - t0), cpu
 
 
-def _served_phase(broker, args, shares, chunks) -> tuple[float, dict[str, float], int]:
-    """Devices fetch every chunk through the gateway; (rate, CPU by party, bytes received)."""
+def _served_phase(broker, args, shares, chunks) -> tuple[float, dict[str, float], int, int]:
+    """Devices fetch every chunk through the gateway; (rate, CPU by party, bytes, fetches)."""
     from agent.transport.serving import ServingLimits
     from controller.gateway import GatewayLimits, MqttGateway
 
@@ -235,13 +235,15 @@ def _served_phase(broker, args, shares, chunks) -> tuple[float, dict[str, float]
         result = await loop.run_in_executor(None, _results, devs)
         cpu = {"sender": time.process_time() - cpu0}
         cpu["broker"] = cpu_seconds(broker.proc.pid) - bcpu0
+        requests = gw.serving_stats.requests
         await gw.stop()
         result["cpu"] = {**cpu, "receivers": result["cpu"]}
+        result["fetches"] = requests
         return result
 
     served = asyncio.run(gateway())
     rate = served["bytes"] / (served["last"] - served["start"])
-    return rate, served["cpu"], served["bytes"]
+    return rate, served["cpu"], served["bytes"], served["fetches"]
 
 
 def serving(args) -> dict:
@@ -250,7 +252,9 @@ def serving(args) -> dict:
     rounds = []
     with tempfile.TemporaryDirectory() as tmp:
         chunks = (
-            StoreChunks(Path(tmp) / "chunks", "b1", args.chunks, args.size)
+            StoreChunks(
+                Path(tmp) / "chunks", "b1", args.chunks, args.size, args.cache_mib * 1024**2
+            )
             if args.source == "store"
             else MemoryChunks("b1", args.chunks, args.size)
         )
@@ -260,13 +264,17 @@ def serving(args) -> dict:
             # both sides of at least one pair; each pair's ratio is reported, and the median.
             for _ in range(args.rounds):
                 raw_rate, raw_cpu = _raw_phase(broker, args, shares)
-                served_rate, served_cpu, got = _served_phase(broker, args, shares, chunks)
+                served_rate, served_cpu, got, fetches = _served_phase(
+                    broker, args, shares, chunks
+                )
                 rounds.append(
                     {
                         "raw_MBps": round(raw_rate / 1e6, 1),
                         "served_MBps": round(served_rate / 1e6, 1),
                         "ratio": round(served_rate / raw_rate, 3),
                         "served_complete": got == total,
+                        # fetch messages the gateway took in (pings included)
+                        "fetch_requests": fetches,
                         # CPU microseconds per chunk by party (sender = raw publisher or
                         # gateway): steadier than MB/s here, and it says who does the work.
                         "raw_cpu_us_per_chunk": _per_chunk(raw_cpu, args),
@@ -280,6 +288,7 @@ def serving(args) -> dict:
         "devices": args.devices,
         "device_processes": len(shares),
         "source": args.source,
+        "store_cache_MiB": args.cache_mib if args.source == "store" else None,
         "chunks_per_device": args.chunks,
         "chunk_bytes": args.size,
         "total_bytes_per_phase": total,
@@ -495,6 +504,9 @@ def main() -> None:
     # memory: chunks handed over from RAM; store: read and re-hashed from a ChunkStore per
     # request, as the controller's ReleaseStore does.
     ap.add_argument("--source", choices=("memory", "store"), default="memory")
+    # store only: the verified-chunk LRU (the controller's chunk_cache_bytes default is 64 MiB);
+    # 0 reads and re-hashes the file on every request.
+    ap.add_argument("--cache-mib", type=int, default=64)
     args = ap.parse_args()
     r = args.rest
     if args.role == "raw-sub":
