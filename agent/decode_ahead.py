@@ -59,9 +59,7 @@ class DecodeAhead:
         """Start decoding chunk ``index`` (digest already checked) if the budget allows."""
         # The codec loads on first use: an idle daemon never imports it.
         from firmware_bundles.codec.chunk import decode_cost  # noqa: PLC0415
-        from firmware_bundles.codec.pipeline import return_freed_buffers  # noqa: PLC0415
 
-        return_freed_buffers()  # chunk buffers go back to the OS when freed, not to arenas
         cost = decode_cost(data, out_size)
         with self._lock:
             if index in self._queued or self._charged + cost > self._budget:

@@ -610,9 +610,6 @@ class Agent:
 
     def _ahead_base(self) -> _SlotBase | None:
         """The base reader for decoding ahead; on the disk thread, so the slot opens here once."""
-        from firmware_bundles.codec.pipeline import return_freed_buffers  # noqa: PLC0415
-
-        return_freed_buffers()  # before the first chunk buffer: none ends up in an arena
         u = self.state.update
         if u is None or u.plan.kind is not PayloadKind.DELTA or u.plan.base_slot is None:
             return None

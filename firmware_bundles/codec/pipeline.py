@@ -28,9 +28,6 @@ Example:
 
 from __future__ import annotations
 
-import ctypes
-import os
-import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -44,47 +41,19 @@ from firmware_bundles.codec.chunk import (
 )
 from firmware_bundles.errors import BundleError
 
-__all__ = ["DEFAULT_BUDGET", "DEFAULT_WORKERS", "decode_chunks", "return_freed_buffers"]
+__all__ = ["DEFAULT_BUDGET", "DEFAULT_WORKERS", "decode_chunks"]
 
-# Charged bytes in flight. With the default 4 MiB chunks a chunk is charged about 14-18 MiB
-# (output, twice that of base window, its streams and bytes), so two chunks decode while the
-# previous one is written; the interpreter and the codec's modules add about 20 MiB, which
-# keeps a device's apply under its 64 MiB budget (docs/delta-codec.md, "Pipelined apply").
-DEFAULT_BUDGET = 36 << 20
+# Charged bytes in flight. With the default 4 MiB chunks a chunk is charged 7-12 MiB on the
+# corpus (output, base window, streams, its bytes), so two or three chunks are in flight.
+# Measured peak RSS of the whole apply process (interpreter and codec included): 48-52 MiB on
+# the corpus pairs at 28 MiB, 52-60 MiB at 36 MiB (docs/delta-codec.md, "Pipelined apply").
+DEFAULT_BUDGET = 28 << 20
 # Two decoding threads: the target devices and the bench machine have two cores, and each
 # chunk's own streams already decode on two threads (``streams.decode_all``).
 DEFAULT_WORKERS = 2
 # Chunks submitted ahead at most, whatever their size: tiny chunks do not need more to keep
 # the threads busy, and each holds futures and buffers.
 _MAX_AHEAD = 4
-
-
-_M_MMAP_THRESHOLD = -3  # glibc malloc.h
-# Buffers at least this large are mapped and unmapped on their own (glibc's initial default).
-_MMAP_THRESHOLD = 256 << 10
-_malloc_tuned = False
-
-
-def return_freed_buffers() -> None:
-    """Pin glibc's mmap threshold so each chunk's multi-MiB buffers go back to the OS when freed.
-
-    glibc raises the threshold to the size of the first large buffer freed (up to 32 MiB); after
-    that, 4 MiB chunk buffers come from the heap or the decoding threads' arenas and stay
-    resident as fragments, which is what the in-flight budget cannot see. Pinned, apply peak
-    RSS on duckdb fell from 60 to 45 MiB (serial 47 to 40) and was no slower (docs/delta-codec.md).
-    An operator's own ``MALLOC_MMAP_THRESHOLD_`` wins; other C libraries are left alone.
-    """
-    global _malloc_tuned  # noqa: PLW0603 - once per process
-    if _malloc_tuned:
-        return
-    _malloc_tuned = True
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
 
 
 class _Failed:
@@ -129,7 +98,6 @@ def decode_chunks(chunks: Iterable[tuple[bytes, int]], base: Reader | None, *,
             after every output before it has been yielded.
         Whatever ``chunks`` raises, at the same position.
     """
-    return_freed_buffers()
     if workers <= 0:
         for data, out_size in chunks:
             pieces = list(decode_chunk(data, out_size, base))
