@@ -335,8 +335,8 @@ class MqttTransport:
         # what is in flight.
         # Refill in batches, once at least half the window is free (or the rest of the queue
         # fits): one fetch message then carries several indices instead of one per arrival,
-        # which halved the server's per-chunk work (docs/benchmarks/transport.md). Each index is
-        # still charged to the bucket on its own, so the pacing is per chunk as before. On a
+        # which cut the gateway's CPU per chunk by a third (docs/benchmarks/transport.md). Each
+        # index is still charged to the bucket on its own, so pacing is per chunk as before. On a
         # throttled link, waiting must not cost budget: once the bucket is full, what it would
         # bank next is lost, so requests go out then (without this the agent fell to 0.64 of
         # its cap beside a greedy flow, bench/transport_throttle.py).
