@@ -12,6 +12,7 @@ from agent.adapters.mqtt import MqttTransport
 from agent.transport.aioclient import AsyncMqttClient, MqttSettings
 from controller.gateway import MqttGateway
 from firmware_bundles import protocol as wire
+from firmware_bundles.throttle import LinkProfile
 
 pytestmark = pytest.mark.broker
 
@@ -116,3 +117,45 @@ def test_gateway_serves_a_multi_index_fetch_and_a_single_index_one(plain_broker)
 
     frames = asyncio.run(run())
     assert frames == {i: chunks.data[i] for i in [*range(10), 11]}
+
+
+class _StepClock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def now(self) -> float:
+        return self.t
+
+    def monotonic(self) -> float:
+        return self.t
+
+
+def test_throttled_refill_waits_for_half_a_window_only_while_the_bucket_is_not_full() -> None:
+    """Holding a batch back must not waste a throttled link's budget (the 0.64-of-cap bug)."""
+    clock = _StepClock()
+    transport = MqttTransport(
+        "dev-batch-throttle",
+        MqttSettings("127.0.0.1", 1, "dev-batch-throttle"),
+        clock=clock,
+        profile=LinkProfile.flat(10_000, burst=5_000),
+        window=4,
+    )
+    sent: list[list[int]] = []
+    transport._request = lambda _bundle, indices: sent.append(list(indices))  # type: ignore[method-assign]
+    transport._size_estimate = 1_000.0
+    queue = [9, 8, 7, 6, 5]  # popped from the end
+    outstanding = {0: clock.t + 60, 1: clock.t + 60, 2: clock.t + 60}  # one slot free of four
+    bucket = transport._bucket.bucket
+    bucket.tokens, bucket.updated = 0.0, clock.t
+    transport._request_more("b1", queue, outstanding, clock.t)
+    assert sent == [], "one free slot of four, bucket not full: wait for half the window"
+    assert transport._next_wake(outstanding, clock.t, True, True) == pytest.approx(0.5)
+    clock.t += 0.5  # the bucket is full now: waiting longer would lose budget
+    transport._request_more("b1", queue, outstanding, clock.t)
+    assert sent == [[5]]
+    # Two free slots (half the window): a batch of both, each charged to the bucket.
+    del outstanding[0], outstanding[1]
+    clock.t += 0.5
+    transport._request_more("b1", queue, outstanding, clock.t)
+    assert sent == [[5], [6, 7]]
+    assert bucket.tokens == pytest.approx(5_000 - 2_000)
