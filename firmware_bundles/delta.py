@@ -13,6 +13,8 @@ Rules:
   chunk with no base or a base too short), ``SizeExceeded`` (declares or decodes to more than
   allowed), ``Truncated`` (ends early). A wrong base of the right size is caught by the bundle
   layer's base digest check before apply, and by the chunk/image digests after.
+- ``decode_chunks`` decodes a run of chunks ahead on a 2-thread pool, outputs and refusals
+  strictly in order, within a byte budget of in-flight decode memory (``codec/pipeline.py``).
 - Encoding holds both images in memory (build or controller host). Covers come from upstream
   HDiffPatch (``codec/matcher.py``); each chunk is the smallest of a patch (covers, byte-wise
   diff, literals), a zstd coding with a base window as prefix, and a plain compressed chunk.

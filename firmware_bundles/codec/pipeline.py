@@ -9,7 +9,8 @@ Rules:
   length, the largest base window it may read, its output) from the moment it is submitted
   until the consumer asks for the next output after it. A chunk is submitted only while the
   charged total stays within ``budget``; the oldest chunk is always admitted, so a chunk
-  larger than the budget decodes alone (the serial decoder's memory, nothing more).
+  larger than the budget decodes alone (the serial decoder's memory, nothing more). One more
+  chunk may be read and held back (its compressed bytes only) until it fits.
 - Errors keep their place: a chunk that fails to decode, or an input iterator that raises at
   position k, raises only when the consumer reaches position k. Every output before it has
   been yielded and nothing after it is. No output of a failing chunk is ever yielded, because
@@ -48,8 +49,8 @@ __all__ = ["DEFAULT_BUDGET", "DEFAULT_WORKERS", "decode_chunks"]
 # Measured peak RSS of the whole apply process (interpreter and codec included): 48-52 MiB on
 # the corpus pairs at 28 MiB, 52-60 MiB at 36 MiB (docs/delta-codec.md, "Pipelined apply").
 DEFAULT_BUDGET = 28 << 20
-# Two decoding threads: the target devices and the bench machine have two cores, and each
-# chunk's own streams already decode on two threads (``streams.decode_all``).
+# Two decoding threads: the target devices and the bench machine have two cores; the
+# consumer's thread runs each chunk's apply loop and the writes beside them.
 DEFAULT_WORKERS = 2
 # Chunks submitted ahead at most, whatever their size: tiny chunks do not need more to keep
 # the threads busy, and each holds futures and buffers.
