@@ -167,6 +167,7 @@ def _build(cfg: Any, *, transport: Any = None, power: Any = None, sources: Any =
             fetch_window=cfg.fetch_window,
             retry_cap=cfg.retry_cap,
             component=cfg.component,
+            decode_ahead=cfg.decode_ahead_bytes,
         ),
         slots=slots,
         bootenv=env,

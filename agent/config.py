@@ -26,7 +26,7 @@ _SECTIONS = {
     "slots": {"kind", "a", "b", "size", "booted"},
     "bootenv": {"kind", "config", "default_env", "path"},
     "journal": {"path"},
-    "update": {"checkpoint_mib", "fetch_window", "retry_cap"},
+    "update": {"checkpoint_mib", "fetch_window", "retry_cap", "decode_ahead_mib"},
     "selftest": {"deadline", "check"},
     "migrations": {"migrate", "undo", "timeout"},
     "mqtt": {"url", "ca", "cert", "key", "keepalive"},
@@ -87,6 +87,7 @@ class Config:
     source: str = ""
     component: str = "rootfs"
     health: HealthConfig | None = None
+    decode_ahead_bytes: int = 0  # offline installs: chunks decoded ahead (0 = one at a time)
 
 
 def _get(
@@ -244,7 +245,15 @@ def parse_config(doc: Mapping[str, Any], *, source: str = "") -> Config:
         source=source,
         component=_get(dev, "component", str, "rootfs", where="device"),
         health=_health(doc.get("health"), parsed_checks),
+        decode_ahead_bytes=_decode_ahead(upd),
     )
+
+
+def _decode_ahead(upd: Mapping[str, Any]) -> int:
+    mib = _get(upd, "decode_ahead_mib", int, 0, where="update")
+    if not 0 <= mib <= 256:  # a sanity bound, far above any device's spare RAM
+        raise ConfigInvalid("[update] decode_ahead_mib must be between 0 and 256")
+    return int(mib) << 20
 
 
 def load_config(path: Path) -> Config:

@@ -168,3 +168,25 @@ def test_sample_config_parses() -> None:
     assert cfg.device_id
     assert len(cfg.checks) == 6
     assert cfg.bootenv_kind == "uboot"
+
+
+def test_decode_ahead_from_the_config_file_reaches_the_agent_and_installs(device) -> None:
+    tmp_path, now, _old, new = device
+    toml = tmp_path / "agent.toml"
+    toml.write_text(toml.read_text().replace("checkpoint_mib = 1\n",
+                                             "checkpoint_mib = 1\ndecode_ahead_mib = 4\n"))
+    assert _build(load_config(toml)).config.decode_ahead == 4 << 20
+    slb = _slb(tmp_path, now, "u.slb", base=tmp_path / "old.img")
+    r = CliRunner().invoke(agent, ["install", str(slb), "--config", str(toml)])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "b.img").read_bytes()[: len(new)] == new
+
+
+def test_decode_ahead_out_of_range_is_a_config_error(device) -> None:
+    tmp_path, _now, _old, _new = device
+    toml = tmp_path / "agent.toml"
+    toml.write_text(toml.read_text().replace("checkpoint_mib = 1\n",
+                                             "checkpoint_mib = 1\ndecode_ahead_mib = -1\n"))
+    r = CliRunner().invoke(agent, ["status", "--config", str(toml)])
+    assert r.exit_code == 1
+    assert "decode_ahead_mib" in r.output
