@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import pytest
+from transport_timing import StepClock, until
 
 from agent.adapters.mqtt import MqttTransport
 from agent.transport.aioclient import AsyncMqttClient, MqttSettings
@@ -51,14 +51,6 @@ async def _gateway(broker, chunks: Chunks, tag: str) -> MqttGateway:
     assert await gateway.wait_ready(5)
     await asyncio.sleep(0.2)
     return gateway
-
-
-async def _until(pred, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 def test_agent_asks_for_several_chunks_per_fetch_message(plain_broker) -> None:
@@ -110,7 +102,7 @@ def test_gateway_serves_a_multi_index_fetch_and_a_single_index_one(plain_broker)
         # The single-index form, spelled out as an older agent sends it.
         single = {"op": "chunks", "req": "r-one", "bundle": "b1", "indices": [11], "v": 1}
         client.publish(fetch_topic, json.dumps(single).encode())
-        await _until(lambda: len(frames) == 11)
+        await until(lambda: len(frames) == 11)
         await client.stop()
         await gateway.stop()
         return frames
@@ -119,20 +111,9 @@ def test_gateway_serves_a_multi_index_fetch_and_a_single_index_one(plain_broker)
     assert frames == {i: chunks.data[i] for i in [*range(10), 11]}
 
 
-class _StepClock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def now(self) -> float:
-        return self.t
-
-    def monotonic(self) -> float:
-        return self.t
-
-
 def test_throttled_refill_waits_for_half_a_window_only_while_the_bucket_is_not_full() -> None:
     """Holding a batch back must not waste a throttled link's budget (the 0.64-of-cap bug)."""
-    clock = _StepClock()
+    clock = StepClock()
     transport = MqttTransport(
         "dev-batch-throttle",
         MqttSettings("127.0.0.1", 1, "dev-batch-throttle"),

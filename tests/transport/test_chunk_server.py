@@ -3,33 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import time
+
+from transport_timing import StepClock, until
 
 from agent.transport.aioclient import AsyncMqttClient, MqttSettings
 from agent.transport.broker import free_port
 from agent.transport.serving import ChunkServer, ServingLimits
 from firmware_bundles import protocol as wire
-
-
-class StepClock:
-    """Time moves only when the test says so."""
-
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def now(self) -> float:
-        return self.t
-
-    def monotonic(self) -> float:
-        return self.t
-
-
-async def _until(pred, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 def test_a_chunk_whose_puback_never_comes_frees_its_slot_after_the_ack_timeout() -> None:
@@ -60,12 +40,12 @@ def test_a_chunk_whose_puback_never_comes_frees_its_slot_after_the_ack_timeout()
         server.start()
         req = wire.FetchRequest(wire.FetchOp.CHUNKS, "r", "b1", (0, 1))
         server.on_fetch("dev-a", wire.encode_fetch(req))
-        await _until(lambda: served == [0])
+        await until(lambda: served == [0])
         for _ in range(50):
             await asyncio.sleep(0)
         assert served == [0], "the only slot awaits chunk 0's PUBACK"
         clock.t += 5.0
-        await _until(lambda: served == [0, 1])
+        await until(lambda: served == [0, 1])
         await server.stop()
         await client.stop()
 
@@ -94,7 +74,7 @@ def test_async_and_plain_resolvers_are_both_served_and_count_not_found() -> None
         server.start()
         req = wire.FetchRequest(wire.FetchOp.CHUNKS, "r", "b1", (0, 1))
         server.on_fetch("dev-a", wire.encode_fetch(req))
-        await _until(lambda: server.stats.served + server.stats.not_found == 2)
+        await until(lambda: server.stats.served + server.stats.not_found == 2)
         await server.stop()
         await client.stop()
         return server.stats.served, server.stats.not_found

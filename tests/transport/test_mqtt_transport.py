@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
+from transport_timing import until
 
 from agent.adapters.mqtt import MqttTransport, SystemClock
 from agent.transport.aioclient import AsyncMqttClient, MqttSettings
@@ -88,24 +89,16 @@ async def _collect(agen) -> list:
     return [x async for x in agen]
 
 
-async def _until(pred, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
-
-
 def test_state_events_online_and_will_reach_the_inbox(plain_broker) -> None:
     async def run() -> None:
         gateway, inbox = await _gateway(plain_broker)
         device = await _device(plain_broker, "dev-1")
         await device.publish_state({"phase": "idle", "slot": "a"})
         await device.publish_event({"type": "phase", "phase": "downloading"})
-        await _until(lambda: inbox.states and inbox.events and ("dev-1", True) in inbox.online)
+        await until(lambda: inbox.states and inbox.events and ("dev-1", True) in inbox.online)
         # A power cut: the broker publishes the will.
         await device.client.stop(disconnect=False)
-        await _until(lambda: inbox.online[-1] == ("dev-1", False), timeout=40)
+        await until(lambda: inbox.online[-1] == ("dev-1", False), timeout=40)
         await gateway.stop()
         assert inbox.states[-1] == ("dev-1", {"phase": "idle", "slot": "a", "v": 1})
         assert inbox.events[-1][1]["type"] == "phase"
@@ -325,7 +318,7 @@ def test_malformed_inbound_is_counted_and_dropped_never_crashes(plain_broker) ->
         # Still alive: a real exchange works after the junk.
         await device.publish_state({"phase": "idle"})
         got = [i async for i, _ in device.fetch_chunks("b1", [1, 2])]
-        await _until(lambda: inbox.states)
+        await until(lambda: inbox.states)
         await rogue.stop()
         await device.stop()
         await gateway.stop()
@@ -482,7 +475,7 @@ def test_scheduler_survives_a_device_served_while_it_waited_for_a_slot(plain_bro
         gate.set()
         await asyncio.sleep(0.3)
         ask("dev-b", (0,))
-        await _until(lambda: ("dev-b", 0) in served, 3)
+        await until(lambda: ("dev-b", 0) in served, 3)
         await server.stop()
         await client.stop()
         return served
