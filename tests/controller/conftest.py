@@ -13,7 +13,7 @@ from sqlalchemy import create_engine, text
 from agent.enroll_cli import make_csr
 from controller.auth import Role
 from controller.service import ControllerConfig, ControllerService, Principal
-from firmware_bundles.bundle import build_bundle
+from firmware_bundles.bundle import build_bundle, hash_file
 from firmware_bundles.keyring import generate_keyset
 from firmware_bundles.trust import Role as TrustRole
 
@@ -152,6 +152,16 @@ class Fleet:
 @pytest.fixture
 def fleet(svc, tmp_path, clock):
     return Fleet(svc, tmp_path, clock)
+
+
+@pytest.fixture
+def release(fleet):
+    """Releases 1.0 and 2.0 uploaded (2.0 with a delta from 1.0): base digests and 2.0's id."""
+    v1 = fleet.image("v1", seed=1)
+    v2 = fleet.mutate(v1, "v2")
+    fleet.upload(fleet.bundle(v1, "1.0"))
+    rel = fleet.upload(fleet.bundle(v2, "2.0"))
+    return {"v1": hash_file(v1).sha256, "v2": hash_file(v2).sha256, "id": rel["bundle_id"]}
 
 
 @pytest.fixture

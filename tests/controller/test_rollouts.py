@@ -43,15 +43,6 @@ def _report_all(svc, outcome="committed", health=None):
     return len(rows)
 
 
-@pytest.fixture
-def release(fleet):
-    v1 = fleet.image("v1", seed=1)
-    v2 = fleet.mutate(v1, "v2")
-    fleet.upload(fleet.bundle(v1, "1.0"))
-    rel = fleet.upload(fleet.bundle(v2, "2.0"))
-    return {"v1": hash_file(v1).sha256, "v2": hash_file(v2).sha256, "id": rel["bundle_id"]}
-
-
 def test_staged_rollout_runs_to_the_end_with_one_signed_command_per_device(
     svc, fleet, release, clock
 ):

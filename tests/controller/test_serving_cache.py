@@ -2,20 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
 from controller.rollout import planner as p
 from controller.rollout.scheduler import PhaseSpec
-from firmware_bundles.bundle import hash_file
-
-
-@pytest.fixture
-def release(fleet):
-    v1 = fleet.image("v1", seed=1)
-    v2 = fleet.mutate(v1, "v2")
-    fleet.upload(fleet.bundle(v1, "1.0"))
-    rel = fleet.upload(fleet.bundle(v2, "2.0"))
-    return {"v1": hash_file(v1).sha256, "id": rel["bundle_id"]}
 
 
 def _offer_delta_and_full(svc, fleet, release) -> None:
