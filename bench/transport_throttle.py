@@ -110,6 +110,14 @@ def _sender(stop: threading.Event) -> None:
     s.close()
 
 
+def _spawn_device(port: int, args: argparse.Namespace) -> subprocess.Popen[str]:
+    """The throttled agent, inside the namespace, for the whole measured interval."""
+    argv = ["ip", "netns", "exec", NS, sys.executable, "-m", "bench.transport_throttle",
+            "device", "--port", str(port), "--seconds", str(args.seconds + 4),
+            "--window", str(args.window), "--cap-kbit", str(args.cap_kbit)]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+
+
 def _flow(seconds: float) -> float:
     """Run the competing flow for ``seconds``; returns its goodput in bytes/s."""
     rx = subprocess.Popen(
@@ -208,53 +216,11 @@ def main() -> None:
             )
             procs.append(gw)
             time.sleep(1.0)
-            dev = subprocess.Popen(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    NS,
-                    sys.executable,
-                    "-m",
-                    "bench.transport_throttle",
-                    "device",
-                    "--port",
-                    str(port),
-                    "--seconds",
-                    str(args.seconds + 4),
-                    "--window",
-                    str(args.window),
-                    "--cap-kbit",
-                    str(args.cap_kbit),
-                ],
-                stdout=subprocess.PIPE,
-                text=True,
-            )
+            dev = _spawn_device(port, args)
             procs.append(dev)
             out, _ = dev.communicate(timeout=args.seconds + 60)
             alone = json.loads(out.strip().splitlines()[-1])
-            dev = subprocess.Popen(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    NS,
-                    sys.executable,
-                    "-m",
-                    "bench.transport_throttle",
-                    "device",
-                    "--port",
-                    str(port),
-                    "--seconds",
-                    str(args.seconds + 4),
-                    "--window",
-                    str(args.window),
-                    "--cap-kbit",
-                    str(args.cap_kbit),
-                ],
-                stdout=subprocess.PIPE,
-                text=True,
-            )
+            dev = _spawn_device(port, args)
             procs.append(dev)
             time.sleep(3.0)  # the device is connected and running at its cap
             flow_rate = _flow(args.seconds)
