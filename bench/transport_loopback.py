@@ -43,6 +43,16 @@ def _broker(tmp: Path):
 # ------------------------------------------------------------------------------- serving
 
 
+def _tally(got: dict, size: int) -> None:
+    """Count one received chunk; the first and last arrival times bound the transfer."""
+    now = time.time()
+    if got["n"] == 0:
+        got["first"] = now
+    got["n"] += 1
+    got["bytes"] += size
+    got["last"] = now
+
+
 async def _raw_subscribers(port: int, first: int, devices: int, expect: int) -> dict:
     from agent.transport.aioclient import AsyncMqttClient
     from firmware_bundles import protocol as wire
@@ -51,12 +61,7 @@ async def _raw_subscribers(port: int, first: int, devices: int, expect: int) -> 
     done = asyncio.Event()
 
     def sink(topic: str, payload: bytes, retained: bool) -> None:
-        now = time.time()
-        if got["n"] == 0:
-            got["first"] = now
-        got["n"] += 1
-        got["bytes"] += len(payload)
-        got["last"] = now
+        _tally(got, len(payload))
         if got["n"] >= expect:
             done.set()
 
@@ -118,12 +123,7 @@ async def _served_devices(port: int, first: int, devices: int, chunks: int) -> d
 
     async def fetch(t: MqttTransport) -> None:
         async for _, data in t.fetch_chunks("b1", list(range(chunks))):
-            now = time.time()
-            if got["n"] == 0:
-                got["first"] = now
-            got["n"] += 1
-            got["bytes"] += len(data)
-            got["last"] = now
+            _tally(got, len(data))
 
     start = time.time()
     cpu0 = time.process_time()
