@@ -182,10 +182,11 @@ def certs(
     ``ca/crl.pem``. A site relay's certificate (CN ``relay-SITE``, which the controller serves
     as that site's relay) comes only from here: enrollment refuses ``relay-`` device ids.
     """
-    from controller.ids import RELAY_PREFIX, check_device_id  # noqa: PLC0415
+    from controller.ids import check_device_id  # noqa: PLC0415
     from controller.pki import FleetCA  # noqa: PLC0415
+    from firmware_bundles.protocol import relay_id  # noqa: PLC0415
 
-    relays = [check_device_id(f"{RELAY_PREFIX}{site}") for site in relay_sites]
+    relays = [check_device_id(relay_id(site)) for site in relay_sites]
     data_dir = data_dir or default_data_dir()
     ca = FleetCA.load_or_create(data_dir / "ca")
     out.mkdir(parents=True, exist_ok=True)

@@ -19,11 +19,11 @@ from __future__ import annotations
 import re
 
 from controller.errors import InvalidInput
+from firmware_bundles.protocol import RELAY_PREFIX
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
-RELAY_PREFIX = "relay-"
 RESERVED_ID_PREFIXES = (RELAY_PREFIX, "bridge-", "controller-")
 RESERVED_IDS = frozenset({"controller"})
 RESERVED_CODE = "enroll.device_id_reserved"

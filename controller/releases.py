@@ -44,9 +44,10 @@ from sqlalchemy.orm import Session
 
 from controller.db import models as m
 from controller.errors import Conflict, ControllerError, NotFound, ReleaseRejected
-from controller.ids import RELAY_PREFIX, check_bundle_id
+from controller.ids import check_bundle_id
 from firmware_bundles.chunkstore import ChunkStore
 from firmware_bundles.errors import BundleError, DigestMismatch
+from firmware_bundles.protocol import RELAY_PREFIX
 from firmware_bundles.slb import SlbReader
 
 if TYPE_CHECKING:

@@ -84,6 +84,16 @@ MAX_FETCH_INDICES = 64
 MAX_REQUEST_ID = 64
 
 
+# A site relay's identity on the central broker is ``relay-<site>``: the controller serves it what
+# that site's devices were offered, and enrollment refuses device ids with this prefix.
+RELAY_PREFIX = "relay-"
+
+
+def relay_id(site: str) -> str:
+    """The identity of ``site``'s relay (client id and certificate CN)."""
+    return f"{RELAY_PREFIX}{site}"
+
+
 def check_device_id(device_id: str) -> str:
     """Return ``device_id`` if it is safe in topics and ACL patterns.
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from firmware_bundles.protocol import relay_id
 from simulator import plan, report, siterelay
 from simulator.env import Broker, Controller
 from simulator.errors import SimError
@@ -158,7 +159,7 @@ def run(scenario: Scenario, options: RunOptions, *, console: Any = None,
             scenario, broker.host, broker.port, work, controller.run_tag))
         for name, b in site_brokers.items():
             say("relay", f"site {name}: site broker {b.url} bridged to {broker.url}, "
-                f"relay {siterelay.relay_id(name)}")
+                f"relay {relay_id(name)}")
         result = _drive(scenario, options, work, broker, controller, fw, specs, workers, stop,
                         console, on_ready, {k: b.url for k, b in site_brokers.items()})
         result.wall_seconds = time.monotonic() - started

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from firmware_bundles.protocol import relay_id
 from simulator.errors import SimError
 
 if TYPE_CHECKING:
@@ -37,14 +38,6 @@ if TYPE_CHECKING:
     from agent.transport.relay import SiteRelay
     from simulator.link import Link
     from simulator.scenario import Scenario
-
-RELAY_PREFIX = "relay-"  # the controller knows a relay by this identity (controller/releases.py)
-
-
-def relay_id(site: str) -> str:
-    """The relay's identity on the central broker: ``relay-<site>``."""
-    return f"{RELAY_PREFIX}{site}"
-
 
 def relay_sites(scenario: Scenario) -> list[str]:
     """Names of the scenario's sites with a relay."""

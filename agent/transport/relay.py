@@ -108,7 +108,7 @@ class SiteRelay:
     ) -> None:
         self.site = site
         self.clock: Clock = clock or SystemClock()
-        self.relay_id = wire.check_device_id(relay_id or f"relay-{site}")
+        self.relay_id = wire.check_device_id(relay_id or wire.relay_id(site))
         self.cache = ChunkCache(cache_dir)
         self.stats = RelayStats()
         self.upstream = MqttTransport(

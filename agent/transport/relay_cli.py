@@ -42,9 +42,10 @@ def relay(  # noqa: PLR0917 - click passes options positionally
     """Run a site relay: serve the site's devices, fetch each missing chunk once upstream."""
     from agent.transport.aioclient import MqttSettings, TlsFiles  # noqa: PLC0415
     from agent.transport.relay import SiteRelay  # noqa: PLC0415
+    from firmware_bundles.protocol import relay_id as relay_identity  # noqa: PLC0415
     from firmware_bundles.throttle import LinkProfile, Window  # noqa: PLC0415
 
-    relay_id = f"relay-{site}"
+    relay_id = relay_identity(site)
     tls = TlsFiles(ca, cert, key) if ca else None
     windows = (Window.parse(night, 0.0),) if night else ()
     rate = wan_kbit * 1000 / 8
