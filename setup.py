@@ -14,5 +14,11 @@ setup(
             extra_compile_args=["-O2"],
             optional=True,
         ),
+        Extension(
+            "firmware_bundles.codec._match",
+            ["firmware_bundles/codec/_match.c"],
+            extra_compile_args=["-O2"],
+            optional=True,
+        ),
     ],
 )

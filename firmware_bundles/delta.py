@@ -157,15 +157,15 @@ def encode_delta(old: Path, new: Path, *,
         ValueError: ``chunk_out_size`` outside 1..MAX_CHUNK_OUT.
     """
     from firmware_bundles.codec import encoder as _encoder  # noqa: PLC0415 - numpy: encoder only
-    from firmware_bundles.codec.matcher import find_covers  # noqa: PLC0415 - encoder only
+    from firmware_bundles.codec import sa_matcher  # noqa: PLC0415 - encoder only
 
     if not 0 < chunk_out_size <= MAX_CHUNK_OUT:
         msg = f"chunk_out_size must be in 1..{MAX_CHUNK_OUT}"
         raise ValueError(msg)
     old_data = Path(old).read_bytes()
     new_data = Path(new).read_bytes()
-    covers = find_covers(old_data, new_data)
-    for c in _encoder.iter_delta(old_data, new_data, covers, chunk_out_size):
+    for c in _encoder.iter_delta(old_data, new_data, sa_matcher.cover_source(old_data, new_data),
+                                 chunk_out_size):
         yield EncodedChunk(c.data, c.out_size)
 
 

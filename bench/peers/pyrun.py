@@ -76,10 +76,13 @@ def main(argv: list[str]) -> None:
     # Import first so the timed region is the work only.
     if tool == "ours":
         import firmware_bundles.delta
-        if op == "encode":  # the encoder imports its matcher lazily (kept off the apply path)
+        if op == "encode":  # the encoder imports its matchers lazily (kept off the apply path)
             import hdiffpatch
+            import pydivsufsort  # noqa: F401
 
-            import firmware_bundles.codec.matcher  # noqa: F401
+            import firmware_bundles.codec.encoder
+            import firmware_bundles.codec.matcher
+            import firmware_bundles.codec.sa_matcher  # noqa: F401
         fn = _ours_encode if op == "encode" else _ours_apply
         run = lambda: fn(pa, pb, po)  # noqa: E731
     elif tool.startswith("hdiffpatch-"):

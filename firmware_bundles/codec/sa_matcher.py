@@ -1,0 +1,78 @@
+"""Our own cover search (``_match.c``): libdivsufsort's suffix array, matched chunk by chunk.
+
+The encoder's matcher where the C extension is built (``pip install -e .`` with a compiler):
+about twice as fast as HDiffPatch's (``matcher.py``, the fallback), and a chunk's covers are
+found on the chunk's own thread, so matching overlaps coding. Design, figures and what it gives
+up: docs/delta-codec.md, "Our own matcher"; ``python -m bench.matcher_compare`` measures both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from firmware_bundles.codec.matcher import Covers, find_covers
+
+try:
+    from firmware_bundles.codec import _match
+except ImportError:  # pragma: no cover - built without a compiler
+    _match = None  # type: ignore[assignment]  # the optional extension is absent
+
+
+def available() -> bool:
+    """Whether the extension and ``pydivsufsort`` are both importable."""
+    if _match is None:
+        return False
+    try:
+        import pydivsufsort  # noqa: F401, PLC0415 - optional, encoder-side only
+    except ImportError:
+        return False
+    return True
+
+
+class SuffixIndex:
+    """The old image's suffix array and lookup tables, built once, shared by threads."""
+
+    def __init__(self, old: bytes) -> None:
+        if _match is None:
+            msg = "the _match extension is not built"
+            raise RuntimeError(msg)
+        import pydivsufsort  # noqa: PLC0415 - optional, encoder-side only
+
+        self.old = old
+        # 32-bit positions below 2 GiB (half the memory); the library switches on its own.
+        self._sa = pydivsufsort.divsufsort(old) if old else np.empty(0, np.int32)
+        self._index = _match.build_index(old, self._sa)
+
+    def covers(self, new: bytes, start: int = 0, end: int | None = None) -> Covers:
+        """Covers of ``new[start:end]`` (releases the GIL while it searches)."""
+        stop = len(new) if end is None else end
+        if _match is None:  # pragma: no cover - checked in __init__
+            msg = "the _match extension is not built"
+            raise RuntimeError(msg)
+        raw = _match.find_covers(self.old, new, self._sa, self._index, start, stop)
+        v = np.frombuffer(raw, np.int64).reshape(-1, 3)
+        return Covers(v[:, 0].copy(), v[:, 1].copy(), v[:, 2].copy())
+
+
+def cover_source(old: bytes, new: bytes) -> Covers | Callable[[int, int], Covers]:
+    """What the encoder matches with (``iter_delta`` takes either form).
+
+    Our matcher, chunk by chunk, where it is available; else HDiffPatch's covers of the whole
+    image.
+    """
+    if available():
+        index = SuffixIndex(old)
+        return lambda c0, c1: index.covers(new, c0, c1)
+    return find_covers(old, new)
+
+
+def concat(parts: list[Covers]) -> Covers:
+    """One cover list from per-chunk lists given in new-image order."""
+    if not parts:
+        empty = np.empty(0, np.int64)
+        return Covers(empty, empty, empty)
+    return Covers(np.concatenate([p.old_pos for p in parts]),
+                  np.concatenate([p.new_pos for p in parts]),
+                  np.concatenate([p.length for p in parts]))
