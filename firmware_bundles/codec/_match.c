@@ -56,12 +56,14 @@
 /* Exact comparison inside one binary-search step stops here; a match this long is extended
  * byte by byte afterwards (bounds the cost of searching inside long runs of equal bytes). */
 #define CMP_CAP 4096
-/* Bytes of the index before its bitset: the old image's length and the bucket table. */
-#define INDEX_HEAD ((NBUCKET + 2) * (Py_ssize_t)sizeof(int64_t))
+/* Bytes of the index before its bitset: the part's offset and length, the bucket table. */
+#define INDEX_HEAD ((NBUCKET + 3) * (Py_ssize_t)sizeof(int64_t))
+#define MAX_PARTS 16
 
 typedef struct {
-    const uint8_t *old;
-    int64_t n_old;
+    const uint8_t *old; /* this part of the old image */
+    int64_t n_old;      /* its length */
+    int64_t base;       /* its offset in the old image */
     const void *sa;
     int sa64;
     const int64_t *bucket; /* NBUCKET + 1 entries: SA range of each first-two-byte value */
@@ -302,24 +304,32 @@ static uint64_t bits_for(int64_t n_old) {
 }
 
 static PyObject *build_index(PyObject *self, PyObject *args) {
-    Py_buffer old, sab;
+    Py_buffer oldb, sab;
     PyObject *sa_obj;
-    if (!PyArg_ParseTuple(args, "y*O", &old, &sa_obj)) return NULL;
-    int sa64;
-    if (!get_sa(sa_obj, &sab, old.len, &sa64)) {
-        PyBuffer_Release(&old);
+    Py_ssize_t offset = 0, length = -1;
+    if (!PyArg_ParseTuple(args, "y*O|nn", &oldb, &sa_obj, &offset, &length)) return NULL;
+    if (length < 0) length = oldb.len - offset;
+    if (offset < 0 || offset > oldb.len || length > oldb.len - offset) {
+        PyBuffer_Release(&oldb);
+        PyErr_SetString(PyExc_ValueError, "part outside the old image");
         return NULL;
     }
-    uint64_t nbits = bits_for(old.len);
+    int sa64;
+    if (!get_sa(sa_obj, &sab, length, &sa64)) {
+        PyBuffer_Release(&oldb);
+        return NULL;
+    }
+    uint64_t nbits = bits_for(length);
     Py_ssize_t size = INDEX_HEAD + (Py_ssize_t)(nbits / 8);
     PyObject *out = PyBytes_FromStringAndSize(NULL, size);
     if (!out) goto done;
-    /* Layout: the old image's length, the bucket table, the gram bitset. */
-    int64_t *bucket = (int64_t *)PyBytes_AS_STRING(out) + 1;
-    bucket[-1] = old.len;
+    /* Layout: the part's offset and length, the bucket table, the gram bitset. */
+    int64_t *bucket = (int64_t *)PyBytes_AS_STRING(out) + 2;
+    bucket[-2] = offset;
+    bucket[-1] = length;
     uint8_t *bits = (uint8_t *)(bucket + NBUCKET + 1);
-    const uint8_t *o = old.buf;
-    int64_t n = old.len;
+    const uint8_t *o = (const uint8_t *)oldb.buf + offset;
+    int64_t n = length;
     int bad = 0;
     Py_BEGIN_ALLOW_THREADS
     /* Bucket k holds the suffixes whose first two bytes are k; a one-byte suffix sorts first
@@ -337,7 +347,7 @@ static PyObject *build_index(PyObject *self, PyObject *args) {
         memcpy(bucket, count, (NBUCKET + 1) * sizeof(int64_t));
         free(count);
         /* Check the suffix array against the table (it must be the old image's). */
-        index_t ix = {o, n, sab.buf, sa64, bucket, bits, nbits - 1};
+        index_t ix = {o, n, offset, sab.buf, sa64, bucket, bits, nbits - 1};
         int64_t step = n > 4096 ? n / 4096 : 1;
         for (int64_t i = 0; i < n && !bad; i += step) {
             int64_t s = sa_at(&ix, i);
@@ -362,35 +372,58 @@ static PyObject *build_index(PyObject *self, PyObject *args) {
     }
 done:
     PyBuffer_Release(&sab);
-    PyBuffer_Release(&old);
+    PyBuffer_Release(&oldb);
     return out;
 }
 
 static PyObject *find_covers(PyObject *self, PyObject *args) {
-    Py_buffer old, new, sab, idx;
-    PyObject *sa_obj;
+    Py_buffer old, new, sab[MAX_PARTS], idx[MAX_PARTS];
+    PyObject *parts;
     Py_ssize_t start, end;
-    if (!PyArg_ParseTuple(args, "y*y*Oy*nn", &old, &new, &sa_obj, &idx, &start, &end))
-        return NULL;
+    if (!PyArg_ParseTuple(args, "y*y*Onn", &old, &new, &parts, &start, &end)) return NULL;
     PyObject *out = NULL;
-    int sa64;
-    if (!get_sa(sa_obj, &sab, old.len, &sa64)) {
-        PyBuffer_Release(&old);
-        PyBuffer_Release(&new);
-        PyBuffer_Release(&idx);
-        return NULL;
-    }
-    uint64_t nbits = bits_for(old.len);
-    if (idx.len != (Py_ssize_t)(INDEX_HEAD + nbits / 8) || ((const int64_t *)idx.buf)[0] != old.len) {
-        PyErr_SetString(PyExc_ValueError, "index does not belong to the old image");
+    index_t ixs[MAX_PARTS];
+    int nparts = 0;
+    PyObject *seq = PySequence_Fast(parts, "parts must be a sequence of (sa, index)");
+    if (!seq) goto done;
+    if (PySequence_Fast_GET_SIZE(seq) < 1 || PySequence_Fast_GET_SIZE(seq) > MAX_PARTS) {
+        PyErr_SetString(PyExc_ValueError, "between 1 and 16 parts");
         goto done;
+    }
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) {
+            PyErr_SetString(PyExc_ValueError, "a part is a (sa, index) tuple");
+            goto done;
+        }
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(item, 1), &idx[nparts], PyBUF_SIMPLE) < 0)
+            goto done;
+        const int64_t *head = idx[nparts].buf;
+        int64_t off = 0, len = -1;
+        if (idx[nparts].len >= INDEX_HEAD) {
+            off = head[0];
+            len = head[1];
+        }
+        int sa64;
+        if (len < 0 || off < 0 || off > old.len || len > old.len - off ||
+            idx[nparts].len != (Py_ssize_t)(INDEX_HEAD + bits_for(len) / 8)) {
+            PyBuffer_Release(&idx[nparts]);
+            PyErr_SetString(PyExc_ValueError, "index does not belong to the old image");
+            goto done;
+        }
+        if (!get_sa(PyTuple_GET_ITEM(item, 0), &sab[nparts], len, &sa64)) {
+            PyBuffer_Release(&idx[nparts]);
+            goto done;
+        }
+        ixs[nparts] = (index_t){(const uint8_t *)old.buf + off, len, off, sab[nparts].buf, sa64,
+                                head + 2, (const uint8_t *)idx[nparts].buf + INDEX_HEAD,
+                                bits_for(len) - 1};
+        nparts++;
     }
     if (start < 0 || end > new.len || start > end) {
         PyErr_SetString(PyExc_ValueError, "chunk range outside the new image");
         goto done;
     }
-    index_t ix = {old.buf, old.len, sab.buf, sa64, (const int64_t *)idx.buf + 1,
-                  (const uint8_t *)idx.buf + INDEX_HEAD, nbits - 1};
     const uint8_t *o = old.buf, *nw = new.buf;
     int64_t n_old = old.len;
     covers_t c = {NULL, 0, 0};
@@ -400,13 +433,29 @@ static PyObject *find_covers(PyObject *self, PyObject *args) {
      *    and at most LINK_GAP bytes after it is linked into it (the gap becomes differences). */
     int64_t pos = start;
     while (pos + GRAM <= end && !oom) {
-        uint64_t h = gram_hash(nw + pos) & ix.bits_mask;
-        if (!(ix.bits[h >> 3] & (1u << (h & 7)))) {
+        uint64_t hash = gram_hash(nw + pos);
+        int seen = 0;
+        for (int k = 0; k < nparts && !seen; k++) {
+            uint64_t h = hash & ixs[k].bits_mask;
+            seen = ixs[k].bits[h >> 3] & (1u << (h & 7));
+        }
+        if (!seen) {
             pos++;
             continue;
         }
-        int64_t op;
-        int64_t len = longest_match(&ix, nw + pos, end - pos, &op);
+        /* The longest match over the parts (each part's suffix array covers its own bytes);
+         * of equally long ones, the nearest to where the previous cover's line points. */
+        int64_t expect = c.n ? pos + (c.v[c.n - 3] - c.v[c.n - 2]) : pos;
+        int64_t op = 0, len = 0;
+        for (int k = 0; k < nparts; k++) {
+            int64_t p = 0;
+            int64_t l = longest_match(&ixs[k], nw + pos, end - pos, &p);
+            p += ixs[k].base;
+            if (l > len || (l == len && l > 0 && llabs(p - expect) < llabs(op - expect))) {
+                len = l;
+                op = p;
+            }
+        }
         if (len < MINM) {
             pos++;
             continue;
@@ -545,8 +594,11 @@ static PyObject *find_covers(PyObject *self, PyObject *args) {
     else out = PyBytes_FromStringAndSize((const char *)c.v, c.n * (Py_ssize_t)sizeof(int64_t));
     free(c.v);
 done:
-    PyBuffer_Release(&sab);
-    PyBuffer_Release(&idx);
+    for (int k = 0; k < nparts; k++) {
+        PyBuffer_Release(&sab[k]);
+        PyBuffer_Release(&idx[k]);
+    }
+    Py_XDECREF(seq);
     PyBuffer_Release(&old);
     PyBuffer_Release(&new);
     return out;

@@ -1,3 +1,4 @@
+from collections.abc import Sequence
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -5,8 +6,8 @@ from typing_extensions import Buffer
 
 _Buf: TypeAlias = Buffer | np.ndarray[Any, Any]
 
-def build_index(old: _Buf, sa: _Buf, /) -> bytes: ...
-def find_covers(old: _Buf, new: _Buf, sa: _Buf, index: _Buf, start: int, end: int,
+def build_index(old: _Buf, sa: _Buf, offset: int = 0, length: int = -1, /) -> bytes: ...
+def find_covers(old: _Buf, new: _Buf, parts: Sequence[tuple[_Buf, _Buf]], start: int, end: int,
                 /) -> bytes: ...
 def split_chunk(old: _Buf, chunk: _Buf, old_pos: _Buf, new_pos: _Buf, length: _Buf,
                 /) -> tuple[bytes, bytes]: ...

@@ -41,7 +41,7 @@ _WINDOW_MERGE_GAP = 4096
 
 FULL_OPTIONS = StreamOptions(lzma_x86=True)
 RUN_OPTIONS = StreamOptions(lzma_lclppb=((0, 0, 0), (3, 0, 0)))
-VALUE_OPTIONS = StreamOptions(lzma_lclppb=((0, 0, 0),), zstd_max_raw=256 << 10)
+VALUE_OPTIONS = StreamOptions(lzma_lclppb=((0, 0, 0),))
 # Zero runs at least this long are split out of the diff in the coarse coding.
 COARSE_ZERO_RUN = 512
 TRIAL_OPTIONS = StreamOptions(lzma_lclppb=((0, 0, 0),), lzma_preset=1, zstd_max_raw=0)
@@ -189,12 +189,15 @@ def patch_chunk(old: np.ndarray, new: np.ndarray, c0: int, c1: int,
     best = None
     if fine_runs[0] > 1:
         coarse_runs = diff_runs(diff, COARSE_ZERO_RUN)
-        fine_trial = _encode_runs(fine_runs, TRIAL_OPTIONS, TRIAL_OPTIONS)
+        fine_trial_job = aux.submit(_encode_runs, fine_runs, TRIAL_OPTIONS, TRIAL_OPTIONS) \
+            if aux is not None else None
         coarse_trial = _encode_runs(coarse_runs, TRIAL_OPTIONS, TRIAL_OPTIONS)
+        fine_trial = fine_trial_job.result() if fine_trial_job is not None else \
+            _encode_runs(fine_runs, TRIAL_OPTIONS, TRIAL_OPTIONS)
         if len(coarse_trial[1]) < COARSE_TRIAL_MARGIN * len(fine_trial[1]):
-            best = _encode_runs(coarse_runs, RUN_OPTIONS, VALUE_OPTIONS)
+            best = _encode_runs(coarse_runs, RUN_OPTIONS, VALUE_OPTIONS, aux)
     if best is None:
-        best = _encode_runs(fine_runs, RUN_OPTIONS, VALUE_OPTIONS)
+        best = _encode_runs(fine_runs, RUN_OPTIONS, VALUE_OPTIONS, aux)
     head = bytearray((Tag.PATCH,))
     put_uvarint(head, len(wstart))
     put_uvarint(head, ncov)
@@ -207,12 +210,20 @@ def patch_chunk(old: np.ndarray, new: np.ndarray, c0: int, c1: int,
     ))
 
 
-def _encode_runs(runs: Runs, run_opts: StreamOptions,
-                 value_opts: StreamOptions) -> tuple[int, bytes]:
-    """(run count, the three diff streams) of one run-length split."""
+def _encode_runs(runs: Runs, run_opts: StreamOptions, value_opts: StreamOptions,
+                 aux: Executor | None = None) -> tuple[int, bytes]:
+    """(run count, the three diff streams) of one run-length split.
+
+    With ``aux``, the two run-length streams are coded there beside the values.
+    """
     nrun, zruns, nzruns, values = runs
-    return nrun, b"".join((encode_stream(zruns, run_opts), encode_stream(nzruns, run_opts),
-                           encode_stream(values, value_opts)))
+    if aux is None:
+        return nrun, b"".join((encode_stream(zruns, run_opts), encode_stream(nzruns, run_opts),
+                               encode_stream(values, value_opts)))
+    z = aux.submit(encode_stream, zruns, run_opts)
+    nz = aux.submit(encode_stream, nzruns, run_opts)
+    v = encode_stream(values, value_opts)
+    return nrun, b"".join((z.result(), nz.result(), v))
 
 
 # A run-length split of a chunk's differences: run count, zero-run and value-run lengths (as
@@ -330,11 +341,12 @@ def iter_delta(old: bytes, new: bytes, covers: Covers | CoverSource, chunk_out_s
         early = None
         if idle_core and _uncovered(covers, c0, c1) >= SPECULATE_LITERALS * (c1 - c0):
             early = aux.submit(prefix_chunk, old, covers, c0, c1, raw)
+        estimate_job = aux.submit(quick_estimate, raw)
         patch = patch_chunk(old_arr, new_arr, c0, c1, covers, aux=aux)
         # The strong full and prefix codings cost seconds per chunk; a level-3 zstd estimate
         # tells when they cannot win (strong coders gain well under 2x over level 3; a patch
         # that small leaves a prefix coding little to find).
-        estimate = len(quick_estimate(raw))
+        estimate = len(estimate_job.result())
         candidates = [patch] if patch else []
         if not patch or len(patch) * 2 > estimate:
             candidates.append(early.result() if early is not None

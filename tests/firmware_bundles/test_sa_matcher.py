@@ -109,13 +109,30 @@ def test_zero_filled_images_do_not_stall() -> None:
     assert len(cv.length) <= 16
 
 
+@pytest.mark.parametrize("parts", [2, 3, 4])
+def test_split_index_finds_matches_in_every_part(parts: int) -> None:
+    # Each part has its own suffix array; a block moved from any part is still found, and a
+    # match across a part boundary becomes (at most) two covers.
+    rng = random.Random(parts)
+    old = _code_like(rng, 9 << 20)
+    blocks = [old[i:i + 50_000] for i in (100, 3 << 20, 5 << 20, (9 << 20) - 60_000)]
+    new = b"".join(reversed(blocks)) + old[(2 << 20) - 30_000:(2 << 20) + 30_000]
+    split = sa_matcher.SuffixIndex(old, parts=parts)
+    assert len(split._parts) == parts
+    cv = split.covers(new)
+    _check_covers(cv, old, new, 0, len(new))
+    assert int(cv.length.sum()) >= len(new) - 64
+    whole = sa_matcher.SuffixIndex(old, parts=1).covers(new)
+    assert int(whole.length.sum()) >= len(new) - 64
+
+
 def test_int64_suffix_array_gives_the_same_covers() -> None:
     old, new = _pair(3, 50_000, 8)
     sa32 = pydivsufsort.divsufsort(old)
     sa64 = pydivsufsort.divsufsort(old, force64=True)
     assert sa64.dtype == np.int64
-    a = _match.find_covers(old, new, sa32, _match.build_index(old, sa32), 0, len(new))
-    b = _match.find_covers(old, new, sa64, _match.build_index(old, sa64), 0, len(new))
+    a = _match.find_covers(old, new, [(sa32, _match.build_index(old, sa32))], 0, len(new))
+    b = _match.find_covers(old, new, [(sa64, _match.build_index(old, sa64))], 0, len(new))
     assert a == b
 
 
@@ -133,11 +150,17 @@ def test_foreign_or_malformed_index_is_refused() -> None:
         _match.build_index(old, shuffled)
     other = old[:20_000]
     with pytest.raises(ValueError, match="index does not belong"):
-        _match.find_covers(other, new, pydivsufsort.divsufsort(other), index, 0, len(new))
+        _match.find_covers(other, new, [(pydivsufsort.divsufsort(other), index)], 0, len(new))
+    with pytest.raises(ValueError, match="length differs"):
+        _match.find_covers(old, new, [(sa[:100], index)], 0, len(new))
     with pytest.raises(ValueError, match="outside the new image"):
-        _match.find_covers(old, new, sa, index, 0, len(new) + 1)
+        _match.find_covers(old, new, [(sa, index)], 0, len(new) + 1)
     with pytest.raises(ValueError, match="outside the new image"):
-        _match.find_covers(old, new, sa, index, 10, 5)
+        _match.find_covers(old, new, [(sa, index)], 10, 5)
+    with pytest.raises(ValueError, match="parts"):
+        _match.find_covers(old, new, [], 0, len(new))
+    with pytest.raises(ValueError, match="part outside"):
+        _match.build_index(old, sa, 10, len(old))
 
 
 def test_garbage_bucket_table_cannot_read_out_of_bounds() -> None:
@@ -146,9 +169,9 @@ def test_garbage_bucket_table_cannot_read_out_of_bounds() -> None:
     sa = pydivsufsort.divsufsort(old)
     index = bytearray(_match.build_index(old, sa))
     rng = random.Random(2)
-    for i in range(8, 65538 * 8, 8):
+    for i in range(16, 65539 * 8, 8):
         index[i:i + 8] = rng.randrange(-(1 << 40), 1 << 40).to_bytes(8, "little", signed=True)
-    raw = _match.find_covers(old, new, sa, bytes(index), 0, len(new))
+    raw = _match.find_covers(old, new, [(sa, bytes(index))], 0, len(new))
     v = np.frombuffer(raw, np.int64).reshape(-1, 3)
     _check_covers(Covers(v[:, 0], v[:, 1], v[:, 2]), old, new, 0, len(new))
 
