@@ -328,13 +328,16 @@ def iter_delta(old: bytes, new: bytes, covers: Covers | CoverSource, chunk_out_s
 
     starts = list(range(0, len(new), chunk_out_size))
     source = covers if callable(covers) else lambda _c0, _c1: covers
-    n_workers = workers or min(4, os.cpu_count() or 1)
+    cores = os.cpu_count() or 1
+    # One chunk more than there are cores: a chunk's coding has serial stretches (matching,
+    # the trials, one long LZMA stream) that another chunk's work fills.
+    n_workers = workers or min(cores + 1, 5)
     # With fewer chunks than workers a core would idle: the prefix candidate (which needs
     # no patch) is then started beside the patch instead of after it where the patch looks
     # poor from its covers alone (SPECULATE_LITERALS of the chunk or more left uncovered).
     # This only moves work earlier: which candidates are compared, and so the output, is
     # the same either way; a wrong guess costs one prefix coding on an otherwise idle core.
-    idle_core = len(starts) < n_workers
+    idle_core = len(starts) < min(n_workers, cores)
 
     def one(c0: int) -> RawChunk:
         c1 = min(len(new), c0 + chunk_out_size)
