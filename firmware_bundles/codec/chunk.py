@@ -38,6 +38,7 @@ from firmware_bundles.codec.streams import (
     decode_all,
     decode_prefixed,
     get_uvarint,
+    join_parts,
     parse_stream,
 )
 from firmware_bundles.errors import BundleError, DeltaCorrupt, SizeExceeded, Truncated
@@ -232,13 +233,25 @@ def _plan_patch(view: memoryview, out_size: int, base: Reader | None) -> ChunkPl
             raise DeltaCorrupt("window table of the wrong size")
         return _read_windows(wraw, nwin, out_size, base)
 
+    # A stream in parts (Codec.LZMA_PARTS) is one job per part, so its parts decode side by
+    # side; finish joins them back in order.
+    jobs: list[Callable[[], bytes]] = [window]
+    sizes = [len(refs[0].payload)]
+    spans = [(0, 1)]
+    for r in refs[1:]:
+        parts = r.part_jobs()
+        spans.append((len(jobs), len(jobs) + len(parts)))
+        jobs += parts
+        sizes += [len(r.payload) // len(parts)] * len(parts)
+
     def finish(results: Sequence[bytes]) -> bytes:
-        window, ctrl, zruns, nzruns, values, lit = results
+        window, ctrl, zruns, nzruns, values, lit = (
+            results[a] if b == a + 1 else join_parts(results[a:b], ref.raw_len)
+            for (a, b), ref in zip(spans, refs, strict=True))
         return _apply(out_size, window, ctrl, ncov=ncov, zruns=zruns, nzruns=nzruns,
                       nrun=nrun, values=values, lit=lit)
 
-    return ChunkPlan((window, *(r.decode for r in refs[1:])),
-                     tuple(len(r.payload) for r in refs), finish)
+    return ChunkPlan(tuple(jobs), tuple(sizes), finish)
 
 
 def _apply(out_size: int, window: bytes, ctrl: bytes, *, ncov: int, zruns: bytes,

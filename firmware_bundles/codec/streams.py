@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, TypeVar
 
 if sys.version_info >= (3, 14):  # pragma: no cover - same API in the standard library
@@ -44,7 +45,7 @@ from firmware_bundles.errors import DeltaCorrupt, SizeExceeded, Truncated
 
 __all__ = ["Codec", "StreamOptions", "StreamRef", "ZstdCompressor", "decode_all",
            "decode_prefixed", "decode_stream", "encode_prefixed", "encode_stream",
-           "get_uvarint", "lzma_variants", "parse_stream", "put_uvarint"]
+           "get_uvarint", "join_parts", "lzma_variants", "parse_stream", "put_uvarint"]
 
 # Largest decoded stream this build accepts: bounds every decoder buffer (chunks are at most
 # MAX_CHUNK_OUT bytes of output; a window stream may be twice that plus slack).
@@ -61,6 +62,7 @@ class Codec(enum.IntEnum):
     ZSTD = 1
     LZMA = 2  # raw LZMA2, dictionary sized from raw_len, lc/lp/pb in one props byte
     LZMA_X86 = 3  # x86 branch-call-jump filter in front of LZMA2 (machine code literals)
+    LZMA_PARTS = 4  # raw LZMA2 in independent parts, coded and decoded on parallel threads
 
 
 def put_uvarint(out: bytearray, value: int) -> None:
@@ -143,6 +145,8 @@ class StreamOptions:
     lzma_x86: bool = False
     lzma_preset: int = 9  # "extreme" costs ~30 % more time for ~0.03 % smaller output here
     lzma_nice_len: int = 273  # long zero runs in diffs: longest matches pay off
+    # Streams at least this long are coded in LZMA_PARTS parts on parallel threads (0: never).
+    parts_min: int = 0
 
 
 def _compress(codec: Codec, raw: bytes, props: int, opts: StreamOptions) -> bytes:
@@ -189,6 +193,8 @@ def encode_stream(raw: bytes, opts: StreamOptions | None = None,
     ``variants`` (from :func:`lzma_variants`) skips choosing the LZMA variants again.
     """
     opts = opts or StreamOptions()
+    if opts.parts_min and len(raw) >= opts.parts_min:
+        return _encode_parts(raw, opts, variants)
     candidates: list[tuple[Codec, int, bytes]] = [(Codec.RAW, 0, raw)]
     if raw and len(raw) <= opts.zstd_max_raw:
         candidates.append((Codec.ZSTD, 0, _compress(Codec.ZSTD, raw, 0, opts)))
@@ -202,6 +208,41 @@ def encode_stream(raw: bytes, opts: StreamOptions | None = None,
     put_uvarint(out, len(payload))
     if codec >= Codec.LZMA:
         out.append(props)
+    out += payload
+    return bytes(out)
+
+
+# A long stream is coded in this many parts, one per thread (two cores are the target).
+PARTS = 2
+_MAX_PARTS = 16
+
+
+def _encode_parts(raw: bytes, opts: StreamOptions,
+                  variants: list[tuple[Codec, int]] | None) -> bytes:
+    """An LZMA_PARTS stream: ``raw`` cut in PARTS pieces, each raw LZMA2 on its own thread.
+
+    Payload: ``nparts:u8 | (raw_len, comp_len) per part as uleb128 | the parts' payloads``.
+    The parts share the stream's props (its first LZMA variant). Each part loses the
+    dictionary of the parts before it: +0.2 % on cryptography's 1.6-3.6 MB coarse values
+    streams, +2 % on 0.4-0.6 MB ones, for half the wall time on two cores (and the decoder
+    can use two as well).
+    """
+    codec, props = (variants or lzma_variants(raw, opts)[0])[0]
+    if codec is not Codec.LZMA:
+        codec, props = Codec.LZMA, _lzma_props(0, 0, 0)
+    bounds = [len(raw) * i // PARTS for i in range(PARTS + 1)]
+    pieces = [raw[bounds[i]:bounds[i + 1]] for i in range(PARTS)]
+    with ThreadPoolExecutor(max_workers=PARTS, thread_name_prefix="lzma-part") as pool:
+        coded = list(pool.map(lambda p: _compress(codec, p, props, opts), pieces))
+    head = bytearray((PARTS,))
+    for piece, c in zip(pieces, coded, strict=True):
+        put_uvarint(head, len(piece))
+        put_uvarint(head, len(c))
+    payload = bytes(head) + b"".join(coded)
+    out = bytearray((Codec.LZMA_PARTS,))
+    put_uvarint(out, len(raw))
+    put_uvarint(out, len(payload))
+    out.append(props)
     out += payload
     return bytes(out)
 
@@ -250,7 +291,50 @@ class StreamRef:
         """Decompress to exactly ``raw_len`` bytes (errors as in :func:`decode_stream`)."""
         if self.codec is Codec.RAW:
             return bytes(self.payload)
+        if self.codec is Codec.LZMA_PARTS:
+            return join_parts([job() for job in self.part_jobs()], self.raw_len)
         return _decompress(self.codec, self.payload, self.raw_len, self.props)
+
+    def part_jobs(self) -> list[Callable[[], bytes]]:
+        """The independent decodes this stream is made of (one unless LZMA_PARTS).
+
+        Join their results with :func:`join_parts`. Raises DeltaCorrupt or Truncated for a bad
+        parts table (checked here, before anything is decompressed).
+        """
+        if self.codec is not Codec.LZMA_PARTS:
+            return [self.decode]
+        view = self.payload
+        if not view:
+            raise Truncated("parts stream without a parts count")
+        count = view[0]
+        if not 2 <= count <= _MAX_PARTS:
+            raise DeltaCorrupt(f"parts stream with {count} parts")
+        pos = 1
+        sizes = []
+        for _ in range(count):
+            raw_len, pos = get_uvarint(view, pos)
+            comp_len, pos = get_uvarint(view, pos)
+            sizes.append((raw_len, comp_len))
+        if sum(r for r, _ in sizes) != self.raw_len:
+            raise DeltaCorrupt("parts do not add up to the stream's length")
+        if pos + sum(c for _, c in sizes) != len(view):
+            raise Truncated("parts stream payload does not match its parts table")
+        jobs: list[Callable[[], bytes]] = []
+        for raw_len, comp_len in sizes:
+            if raw_len == 0:
+                raise DeltaCorrupt("empty part in a parts stream")
+            piece = view[pos:pos + comp_len]
+            jobs.append(partial(_decompress, Codec.LZMA, piece, raw_len, self.props))
+            pos += comp_len
+        return jobs
+
+
+def join_parts(results: Sequence[bytes], raw_len: int) -> bytes:
+    """One stream from its parts' results (see :meth:`StreamRef.part_jobs`)."""
+    out = results[0] if len(results) == 1 else b"".join(results)
+    if len(out) != raw_len:
+        raise DeltaCorrupt("stream parts decode to the wrong length")
+    return out
 
 
 def parse_stream(data: bytes | memoryview, pos: int, max_raw: int) -> tuple[StreamRef, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -478,3 +479,80 @@ def test_full_chunk_is_skipped_only_where_it_cannot_win() -> None:
     made = full_chunk(raw, to_beat=1 << 30)
     assert made is not None
     assert b"".join(decode_chunk(made, len(raw), None)) == raw
+
+
+def _parts_stream(raw: bytes) -> bytes:
+    return encode_stream(raw, StreamOptions(lzma_lclppb=((0, 0, 0),), parts_min=1))
+
+
+@settings(max_examples=40, deadline=None)
+@given(raw=st.binary(min_size=2, max_size=5000))
+def test_parts_stream_round_trips(raw: bytes) -> None:
+    enc = _parts_stream(raw)
+    assert enc[0] == Codec.LZMA_PARTS
+    assert decode_stream(enc, 0, len(raw)) == (raw, len(enc))
+    ref, _ = parse_stream(enc, 0, len(raw))
+    assert len(ref.part_jobs()) == 2
+
+
+def _rebuild(raw_len: int, props: int, payload: bytes) -> bytes:
+    out = bytearray((Codec.LZMA_PARTS,))
+    put_uvarint(out, raw_len)
+    put_uvarint(out, len(payload))
+    out.append(props)
+    return bytes(out + payload)
+
+
+def test_parts_stream_with_a_bad_table_is_refused() -> None:
+    raw = bytes(range(256)) * 40
+    enc = _parts_stream(raw)
+    ref, _ = parse_stream(enc, 0, len(raw))
+    payload = bytes(ref.payload)
+    # Wrong part count, parts that do not add up, a table that overruns the payload.
+    for bad, error in ((b"\x01" + payload[1:], DeltaCorrupt), (b"\x11" + payload[1:], DeltaCorrupt),
+                       (b"", Truncated), (payload[:-1], Truncated)):
+        with pytest.raises(error):
+            decode_stream(_rebuild(len(raw), ref.props, bad), 0, len(raw))
+    with pytest.raises(DeltaCorrupt, match="add up"):
+        decode_stream(_rebuild(len(raw) - 1, ref.props, payload), 0, len(raw))
+
+
+def test_corrupt_part_is_refused_and_bounded() -> None:
+    raw = bytes(1000) + bytes(range(256)) * 40
+    enc = bytearray(_parts_stream(raw))
+    enc[-5] ^= 0xFF
+    with pytest.raises(BundleRejected):
+        decode_stream(bytes(enc), 0, len(raw))
+
+
+def test_values_in_parts_decode_alone_and_through_the_pipeline(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Any values stream of 64 bytes or more coded in parts (the encoder does so for long coarse
+    # ones): the chunk planner makes one job per part and joins them back in order.
+    from firmware_bundles.codec import encoder  # noqa: PLC0415
+    from firmware_bundles.delta import decode_chunks  # noqa: PLC0415
+
+    parts = replace(encoder.VALUE_OPTIONS, parts_min=64)
+    monkeypatch.setattr(encoder, "VALUE_OPTIONS", parts)
+    monkeypatch.setattr(encoder, "COARSE_VALUE_OPTIONS", parts)
+    rng = random.Random(4)
+    old = _code_like(rng, 600_000)
+    changed = bytearray(_mutate(rng, old, 10))
+    for i in range(0, len(changed), 64):
+        changed[i] = rng.randrange(256)
+    new = bytes(changed)
+    chunks = _roundtrip(tmp_path, old, new, chunk=65536)
+    codecs = set()
+    for c in chunks:
+        if c.data[0] != Tag.PATCH:
+            continue
+        view = memoryview(c.data)
+        pos = 1
+        for _ in range(3):
+            _, pos = get_uvarint(view, pos)
+        for _ in range(6):
+            ref, pos = parse_stream(view, pos, 1 << 26)
+            codecs.add(ref.codec)
+    assert Codec.LZMA_PARTS in codecs
+    out = b"".join(decode_chunks(((c.data, c.out_size) for c in chunks), BytesBaseReader(old)))
+    assert out == new
