@@ -15,8 +15,10 @@ Rules:
   layer's base digest check before apply, and by the chunk/image digests after.
 - ``decode_chunks`` decodes a run of chunks ahead on a 2-thread pool, outputs and refusals
   strictly in order, within a byte budget of in-flight decode memory (``codec/pipeline.py``).
-- Encoding holds both images in memory (build or controller host). Covers come from upstream
-  HDiffPatch (``codec/matcher.py``); each chunk is the smallest of a patch (covers, byte-wise
+- Encoding holds both images in memory (build or controller host). Covers come from our own
+  matcher, chunk by chunk on the chunk's thread (``codec/sa_matcher.py``, libdivsufsort's
+  suffix array and a C scan), or from HDiffPatch's (``codec/matcher.py``) where that is not
+  built; each chunk is the smallest of a patch (covers, byte-wise
   diff, literals), a zstd coding with a base window as prefix, and a plain compressed chunk.
   ``docs/delta-codec.md`` has the format and the reasons.
 

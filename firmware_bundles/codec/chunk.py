@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from firmware_bundles.codec.streams import (
     MAX_STREAM_RAW,
+    Codec,
     decode_all,
     decode_prefixed,
     get_uvarint,
@@ -209,7 +210,9 @@ def decode_cost(data: bytes, out_size: int) -> int:
             window = min(window, sum(_uint_planes(refs[0].decode()[nwin * 8:], nwin, 4)))
     except (BundleError, ValueError, IndexError):
         return base + out_size
-    return base + window + sum(r.raw_len for r in refs)
+    # A stream in parts is held twice while its parts are joined.
+    return base + window + sum(r.raw_len * (2 if r.codec is Codec.LZMA_PARTS else 1)
+                               for r in refs)
 
 
 def _plan_patch(view: memoryview, out_size: int, base: Reader | None) -> ChunkPlan:

@@ -1,5 +1,8 @@
 """Find covers (approximate matches of new against old) with upstream HDiffPatch.
 
+The encoder's fallback: it uses our own matcher (``sa_matcher.py``) where the C extension and
+``pydivsufsort`` are present; ``bench/matcher_compare.py`` compares the two.
+
 We call HDiffPatch's diff through the ``hdiffpatch`` package with no compression and read its
 cover list out of the ``HDIFF13&`` container; everything else in its output (its RLE-coded diff
 and literal streams) is thrown away, because our chunks code those themselves, per chunk.
