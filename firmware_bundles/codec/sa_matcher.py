@@ -73,9 +73,7 @@ class SuffixIndex:
     def covers(self, new: bytes, start: int = 0, end: int | None = None) -> Covers:
         """Covers of ``new[start:end]`` (releases the GIL while it searches)."""
         stop = len(new) if end is None else end
-        if _match is None:  # pragma: no cover - checked in __init__
-            msg = "the _match extension is not built"
-            raise RuntimeError(msg)
+        assert _match is not None  # checked in __init__
         raw = _match.find_covers(self.old, new, self._parts, start, stop)
         v = np.frombuffer(raw, np.int64).reshape(-1, 3)
         return Covers(v[:, 0].copy(), v[:, 1].copy(), v[:, 2].copy())
@@ -91,13 +89,3 @@ def cover_source(old: bytes, new: bytes) -> Covers | Callable[[int, int], Covers
         index = SuffixIndex(old)
         return lambda c0, c1: index.covers(new, c0, c1)
     return find_covers(old, new)
-
-
-def concat(parts: list[Covers]) -> Covers:
-    """One cover list from per-chunk lists given in new-image order."""
-    if not parts:
-        empty = np.empty(0, np.int64)
-        return Covers(empty, empty, empty)
-    return Covers(np.concatenate([p.old_pos for p in parts]),
-                  np.concatenate([p.new_pos for p in parts]),
-                  np.concatenate([p.length for p in parts]))

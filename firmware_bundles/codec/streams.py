@@ -203,8 +203,13 @@ def encode_stream(raw: bytes, opts: StreamOptions | None = None,
             candidates.append((codec, props, _compress(codec, raw, props, opts)))
     codec, props, payload = min(candidates,
                                 key=lambda c: len(c[2]) + (c[0] >= Codec.LZMA))
+    return _framed(codec, len(raw), props, payload)
+
+
+def _framed(codec: Codec, raw_len: int, props: int, payload: bytes) -> bytes:
+    """A stream: codec byte, the two lengths, the props byte of the LZMA codecs, payload."""
     out = bytearray((codec,))
-    put_uvarint(out, len(raw))
+    put_uvarint(out, raw_len)
     put_uvarint(out, len(payload))
     if codec >= Codec.LZMA:
         out.append(props)
@@ -238,13 +243,7 @@ def _encode_parts(raw: bytes, opts: StreamOptions,
     for piece, c in zip(pieces, coded, strict=True):
         put_uvarint(head, len(piece))
         put_uvarint(head, len(c))
-    payload = bytes(head) + b"".join(coded)
-    out = bytearray((Codec.LZMA_PARTS,))
-    put_uvarint(out, len(raw))
-    put_uvarint(out, len(payload))
-    out.append(props)
-    out += payload
-    return bytes(out)
+    return _framed(Codec.LZMA_PARTS, len(raw), props, bytes(head) + b"".join(coded))
 
 
 def encode_streams(raws: Iterable[bytes], opts: StreamOptions | None = None) -> bytes:
